@@ -1,0 +1,89 @@
+"""The step's two kernels, compiled once per static configuration (or run eagerly).
+
+Note [one code object per configuration]: Dynamo keeps its compiled graphs on the Python code
+object and stops compiling a code object after ``torch._dynamo.config.recompile_limit`` (8)
+variants -- with ``fullgraph=True`` it raises. A process that steps float32, bfloat16 and float64
+groups with and without amsgrad would hit that limit with one shared function. So each static
+configuration (device type, dtype, amsgrad, maximize) gets its own copy of the code object: each
+copy compiles exactly once (``dynamic=True`` keeps buffer lengths and offsets symbolic), and any
+further compile of a copy is a real recompile that the tests catch.
+
+Note [scalars outside the elementwise kernel]: ``beta ** step`` inlined into the elementwise kernel
+is recomputed for every vector of elements by Inductor's generated code, which halves the
+bandwidth of the step. The coefficients are therefore a separate (tiny) compiled function whose
+0-dim outputs the elementwise kernel only reads.
+"""
+
+from __future__ import annotations
+
+import functools
+import types
+from typing import Callable
+
+import torch
+from torch import Tensor
+
+from .update import Coefficients, adamw_coefficients, adamw_elementwise
+
+__all__ = ["apply_update_", "coefficients_kernel", "update_kernel"]
+
+
+def apply_update_(
+    param: Tensor,
+    grad: Tensor,
+    exp_avg: Tensor,
+    exp_avg_sq: Tensor,
+    max_exp_avg_sq: Tensor | None,
+    coefficients: Coefficients,
+    *,
+    amsgrad: bool,
+    maximize: bool,
+) -> None:
+    """:func:`adamw_elementwise` written back in place: the mutation lives only at this edge."""
+    new_param, new_exp_avg, new_exp_avg_sq, new_max = adamw_elementwise(
+        param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq, coefficients,
+        amsgrad=amsgrad, maximize=maximize,
+    )
+    param.copy_(new_param)
+    exp_avg.copy_(new_exp_avg)
+    exp_avg_sq.copy_(new_exp_avg_sq)
+    if amsgrad:
+        max_exp_avg_sq.copy_(new_max)
+
+
+def _own_code_copy(fn: Callable, name: str) -> Callable:
+    """``fn`` with a private copy of its code object (Note [one code object per configuration])."""
+    code = fn.__code__.replace(co_name=name, co_qualname=name)
+    copy = types.FunctionType(code, fn.__globals__, name, fn.__defaults__, fn.__closure__)
+    copy.__kwdefaults__ = fn.__kwdefaults__
+    copy.__doc__ = fn.__doc__
+    return copy
+
+
+def _configuration_name(kind: str, *parts: object) -> str:
+    return "_".join([kind, *(str(p).replace("torch.", "") for p in parts)])
+
+
+@functools.cache
+def update_kernel(
+    device_type: str, dtype: torch.dtype, amsgrad: bool, maximize: bool, compiled: bool
+) -> Callable[..., None]:
+    """:func:`apply_update_` for one configuration, compiled with Inductor unless ``compiled=False``."""
+    if not compiled:
+        return functools.partial(apply_update_, amsgrad=amsgrad, maximize=maximize)
+    name = _configuration_name("adamw_update", device_type, dtype, f"amsgrad{int(amsgrad)}",
+                               f"maximize{int(maximize)}")
+    kernel = torch.compile(_own_code_copy(apply_update_, name), fullgraph=True, dynamic=True)
+    return functools.partial(kernel, amsgrad=amsgrad, maximize=maximize)
+
+
+@functools.cache
+def coefficients_kernel(
+    device_type: str, dtype: torch.dtype, compiled: bool
+) -> Callable[..., Coefficients]:
+    """:func:`adamw_coefficients` producing ``dtype`` scalars, compiled unless ``compiled=False``."""
+    if not compiled:
+        return functools.partial(adamw_coefficients, dtype=dtype)
+    name = _configuration_name("adamw_coefficients", device_type, dtype)
+    kernel = torch.compile(_own_code_copy(adamw_coefficients, name), fullgraph=True, dynamic=False)
+    return functools.partial(kernel, dtype=dtype)

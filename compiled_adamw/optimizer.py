@@ -1,0 +1,224 @@
+"""``compiled_adamw.AdamW``: torch.optim.AdamW's API and numbers, with a compiled flat step.
+
+The class only keeps books -- groups, buckets, state, hooks, dispatch. The math is
+:mod:`compiled_adamw.update`, run per bucket by :mod:`compiled_adamw.kernels`; storage is
+:mod:`compiled_adamw.flat_bucket`; hyperparameter tensors are :mod:`compiled_adamw.hyperparameters`.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Iterable
+
+import torch
+from torch import Tensor
+
+from .flat_bucket import STATE_KEYS, FlatBucket, group_into_buckets
+from .hyperparameters import SCALAR_NAMES, GroupScalars, check_value, group_value
+from .kernels import coefficients_kernel, update_kernel
+from .update import compute_dtype
+
+__all__ = ["AdamW"]
+
+
+class AdamW(torch.optim.Optimizer):
+    r"""AdamW with the API, state_dict format and numbers of :class:`torch.optim.AdamW`.
+
+    Each step updates all params of a group that share a device and dtype with one compiled
+    elementwise kernel over flat buffers (Note [flat buffers] in ``flat_bucket.py``). lr, betas,
+    eps, weight_decay and every step counter are 0-dim tensors on the params' device: no host sync,
+    no recompile when a scheduler changes a value, and the step can be graph-captured.
+
+    The update, for step ``t`` (see :mod:`compiled_adamw.update` for the exact equations)::
+
+        param = param * (1 - lr * wd) - lr / (1 - b1**t) * m / (sqrt(v) / sqrt(1 - b2**t) + eps)
+
+    Args:
+        params, lr, betas, eps, weight_decay, amsgrad, maximize: as in torch.optim.AdamW. ``amsgrad``
+            and ``maximize`` are static: each combination compiles its own kernel.
+        foreach, fused, capturable: accepted and stored for drop-in compatibility; they change
+            nothing, since the step is always one fused kernel per bucket and always capturable.
+        differentiable: not supported yet (raises); see the README.
+        compile: keyword-only, ours. ``True`` (default) runs the step through ``torch.compile``
+            (Inductor); ``False`` runs the very same functions eagerly, for debugging or where no
+            compiler is available. Both give the same numbers.
+    """
+
+    def __init__(
+        self,
+        params: Iterable[Any],
+        lr: float | Tensor = 1e-3,
+        betas: tuple[float | Tensor, float | Tensor] = (0.9, 0.999),
+        eps: float | Tensor = 1e-8,
+        weight_decay: float | Tensor = 1e-2,
+        amsgrad: bool = False,
+        *,
+        maximize: bool = False,
+        foreach: bool | None = None,
+        capturable: bool = False,
+        differentiable: bool = False,
+        fused: bool | None = None,
+        compile: bool = True,
+    ):
+        if differentiable:
+            raise NotImplementedError(
+                "compiled_adamw.AdamW(differentiable=True) is not implemented yet; use "
+                "torch.optim.AdamW(differentiable=True) for autograd through the step")
+        defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, amsgrad=amsgrad,
+                        maximize=maximize, foreach=foreach, capturable=capturable,
+                        differentiable=differentiable, fused=fused, decoupled_weight_decay=True)
+        for name in SCALAR_NAMES:
+            check_value(name, group_value(defaults, name))
+        self.compile = compile
+        self._scalars: list[GroupScalars] = []
+        self._buckets: list[list[FlatBucket]] = []
+        super().__init__(params, defaults)
+        self.register_state_dict_post_hook(_hyperparameters_as_floats, prepend=True)
+
+    # ---- groups -------------------------------------------------------------------------------
+
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        super().add_param_group(param_group)
+        index = len(self.param_groups) - 1
+        group = self.param_groups[index]
+        try:
+            for position, p in enumerate(group["params"]):
+                if not (p.is_floating_point() or p.is_complex()):
+                    raise ValueError(f"{_param_name(index, position)} is {p.dtype}; AdamW needs "
+                                     "floating-point or complex params")
+            device = group["params"][0].device if group["params"] else torch.device("cpu")
+            scalars = GroupScalars(group, device, f"param_groups[{index}]")
+        except Exception:
+            self.param_groups.pop()
+            raise
+        self._scalars.append(scalars)
+        with torch.no_grad():
+            self._buckets.append(group_into_buckets(group["params"], amsgrad=group["amsgrad"]))
+
+    # ---- the step -----------------------------------------------------------------------------
+
+    def step(self, closure: Callable[[], Any] | None = None) -> Any:
+        """One AdamW step over every param that has a grad; returns ``closure()``'s loss."""
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        tracing = torch.compiler.is_compiling()
+        with torch.no_grad():
+            changes, plans = [], []
+            for index, group in enumerate(self.param_groups):
+                where = f"param_groups[{index}]"
+                changes.append(self._scalars[index].pending(group, where))
+                plans.append([bucket.plan(_namer(index), tracing=tracing)
+                              for bucket in self._buckets[index]])
+            # Everything above only reads; from here on, nothing raises on bad input.
+            for index, group in enumerate(self.param_groups):
+                self._scalars[index].apply(group, changes[index])
+                for bucket, plan in zip(self._buckets[index], plans[index]):
+                    self._step_bucket(group, self._scalars[index], bucket, plan, tracing)
+        return loss
+
+    def _step_bucket(self, group: dict[str, Any], scalars: GroupScalars, bucket: FlatBucket,
+                     plan: Any, tracing: bool) -> None:
+        amsgrad, maximize = bool(group["amsgrad"]), bool(group["maximize"])
+        bucket.set_amsgrad(amsgrad)
+        dtype, device_type = compute_dtype(bucket.dtype), bucket.device.type
+        hyperparameters = scalars.on(bucket.device)
+        coefficients = coefficients_kernel(device_type, dtype, self.compile)
+        bucket.execute(
+            plan, self.state,
+            lambda step: coefficients(step, *hyperparameters),
+            update_kernel(device_type, bucket.real_dtype, amsgrad, maximize, self.compile),
+            tracing=tracing,
+        )
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        """As torch's; with ``set_to_none=False`` a bucket whose grads are in place is one fill."""
+        if set_to_none:
+            return super().zero_grad(set_to_none=True)
+        with torch.no_grad():
+            if not all([bucket.zero_grads() for buckets in self._buckets for bucket in buckets]):
+                super().zero_grad(set_to_none=False)
+
+    # ---- state dict ---------------------------------------------------------------------------
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """As torch's, but the whole checkpoint is validated before anything changes, and the
+        loaded state is copied into the existing flat buffers and hyperparameter tensors."""
+        handle = self.register_load_state_dict_pre_hook(_validate_checkpoint)
+        try:
+            super().load_state_dict(state_dict)
+        finally:
+            handle.remove()
+        with torch.no_grad():
+            loaded = dict(self.state)
+            for index, group in enumerate(self.param_groups):
+                self._scalars[index].load(group, f"param_groups[{index}]")
+                for bucket in self._buckets[index]:
+                    bucket.set_amsgrad(bool(group["amsgrad"]))
+                    bucket.load_state(loaded, self.state)
+
+
+def _param_name(group: int, position: int) -> str:
+    return f"param_groups[{group}]['params'][{position}]"
+
+
+def _namer(group: int) -> Callable[[int], str]:
+    return lambda position: _param_name(group, position)
+
+
+def _hyperparameters_as_floats(optimizer: AdamW, state_dict: dict[str, Any]) -> None:
+    """Checkpoints hold Python floats, as torch.optim.AdamW(lr=float) writes them, so they load
+    into any torch.optim.AdamW configuration; loading writes them back into our tensors."""
+    for group, scalars in zip(state_dict["param_groups"], optimizer._scalars):
+        values = scalars.floats()
+        group.update(lr=values["lr"], betas=(values["beta1"], values["beta2"]), eps=values["eps"],
+                     weight_decay=values["weight_decay"])
+
+
+def _validate_checkpoint(optimizer: AdamW, state_dict: dict[str, Any]) -> None:
+    """Every way a checkpoint can fail to fit, raised before torch's loader changes anything."""
+    for key in ("state", "param_groups"):
+        if key not in state_dict:
+            raise ValueError(f"optimizer state_dict has no {key!r} entry")
+    saved_groups, groups = state_dict["param_groups"], optimizer.param_groups
+    if len(saved_groups) != len(groups):
+        raise ValueError(f"loaded state dict has {len(saved_groups)} parameter groups, the "
+                         f"optimizer has {len(groups)}")
+    state = state_dict["state"]
+    for index, (saved, group) in enumerate(zip(saved_groups, groups)):
+        where = f"param_groups[{index}]"
+        if len(saved["params"]) != len(group["params"]):
+            raise ValueError(f"{where} has {len(saved['params'])} params in the loaded state dict "
+                             f"and {len(group['params'])} in the optimizer")
+        for name in SCALAR_NAMES:
+            check_value(name, group_value(saved, name), f"loaded {where}")
+        for position, (param_id, param) in enumerate(zip(saved["params"], group["params"])):
+            if param_id in state:
+                _validate_param_state(state[param_id], param, bool(saved.get("amsgrad", False)),
+                                      f"loaded state[{param_id!r}] (for {_param_name(index, position)})")
+
+
+def _validate_param_state(values: Any, param: Tensor, amsgrad: bool, where: str) -> None:
+    if not isinstance(values, dict):
+        raise ValueError(f"{where} must be a dict, got {type(values).__name__}")
+    required = ("step", "exp_avg", "exp_avg_sq", *(("max_exp_avg_sq",) if amsgrad else ()))
+    for key in required:
+        if key not in values:
+            raise ValueError(f"{where} has no {key!r}")
+    unknown = set(values) - {"step", *STATE_KEYS}
+    if unknown:
+        raise ValueError(f"{where} has unexpected keys {sorted(unknown)}")
+    step = values["step"]
+    if not ((isinstance(step, Tensor) and step.numel() == 1) or isinstance(step, (int, float))):
+        raise ValueError(f"{where}['step'] must be a number or a 1-element tensor, got {step!r}")
+    for key in STATE_KEYS:
+        if key not in values:
+            continue
+        value = values[key]
+        if not isinstance(value, Tensor):
+            raise ValueError(f"{where}[{key!r}] must be a tensor, got {type(value).__name__}")
+        if value.shape != param.shape:
+            raise ValueError(f"{where}[{key!r}] has shape {tuple(value.shape)}, the param has "
+                             f"{tuple(param.shape)}")
+        if value.is_complex() != param.is_complex() or not (value.is_floating_point() or value.is_complex()):
+            raise ValueError(f"{where}[{key!r}] is {value.dtype}, which does not fit a {param.dtype} param")

@@ -1,0 +1,125 @@
+"""The AdamW update as pure functions of tensors: the single source of the math.
+
+Every path of this package (eager, compiled, graph-captured, differentiable and the functional
+API) computes one step with these two functions and nothing else:
+
+* :func:`adamw_coefficients` turns the step count and the hyperparameters (0-dim tensors) into the
+  handful of scalars one step needs. It is O(1) work, kept out of the elementwise kernel on purpose
+  (Note [scalars outside the elementwise kernel]).
+* :func:`adamw_elementwise` applies one step to tensors of any shape (in this package: flat buffers
+  holding a whole group's params) and returns the new values without mutating anything.
+
+For step ``t`` (counted from 1), learning rate ``lr``, betas ``b1, b2``, ``eps``, weight decay ``wd``::
+
+    g      = -grad if maximize else grad
+    param  = param * (1 - lr * wd)
+    m      = lerp(m, g, 1 - b1)                      # = b1 * m + (1 - b1) * g
+    v      = b2 * v + (1 - b2) * g * g
+    v_max  = max(v_max, v)                           # amsgrad only: the raw v, as torch does
+    denom  = sqrt(v_max if amsgrad else v) / sqrt(1 - b2**t) + eps
+    param  = param - lr / (1 - b1**t) * m / denom
+
+This is ``torch.optim.AdamW``'s documented algorithm with ``m_hat / (sqrt(v_hat) + eps)`` rewritten
+exactly as its implementation computes it. Note [where eps sits]: eps is added to
+``sqrt(v_hat)``, the bias-corrected root, never to ``sqrt(v)``; folding the bias corrections into a
+single step size would move eps and change the result for small ``v``. The float64 numpy oracle in
+``tests/oracle.py`` pins this down.
+
+For AMSGrad, torch's documentation writes ``max(v_hat_max, v_hat)``; its implementation (which we
+match) keeps the max of the raw ``v`` and bias-corrects that.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+from torch import Tensor
+
+__all__ = ["Coefficients", "adamw_coefficients", "adamw_elementwise", "compute_dtype"]
+
+
+class Coefficients(NamedTuple):
+    """The scalars of one step, as 0-dim tensors of the compute dtype."""
+
+    decay: Tensor  # 1 - lr * wd
+    step_size: Tensor  # lr / (1 - b1**t)
+    bias_correction2_sqrt: Tensor  # sqrt(1 - b2**t)
+    eps: Tensor
+    one_minus_beta1: Tensor
+    beta2: Tensor
+    one_minus_beta2: Tensor
+
+
+def compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype the math runs in for params of ``dtype``: low precision is updated in float32."""
+    if dtype.is_complex:
+        dtype = dtype.to_real()
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def adamw_coefficients(
+    step: Tensor,
+    lr: Tensor,
+    beta1: Tensor,
+    beta2: Tensor,
+    eps: Tensor,
+    weight_decay: Tensor,
+    *,
+    dtype: torch.dtype,
+) -> Coefficients:
+    """The scalars of step ``step`` (already incremented: the first step is 1), in ``dtype``.
+
+    Note [scalars in float64]: torch.optim.AdamW computes ``1 - b1**t`` and friends in Python
+    floats (float64) and rounds once when it applies them; so do we, which keeps float32 results
+    within an ulp of torch's and keeps ``b2**t`` accurate for ``b2`` close to 1.
+    """
+    f64 = torch.float64
+    step, lr, beta1, beta2, eps, weight_decay = (
+        x.to(f64) for x in (step, lr, beta1, beta2, eps, weight_decay)
+    )
+    return Coefficients(
+        decay=(1 - lr * weight_decay).to(dtype),
+        step_size=(lr / (1 - beta1**step)).to(dtype),
+        bias_correction2_sqrt=(1 - beta2**step).sqrt().to(dtype),
+        eps=eps.to(dtype),
+        one_minus_beta1=(1 - beta1).to(dtype),
+        beta2=beta2.to(dtype),
+        one_minus_beta2=(1 - beta2).to(dtype),
+    )
+
+
+def adamw_elementwise(
+    param: Tensor,
+    grad: Tensor,
+    exp_avg: Tensor,
+    exp_avg_sq: Tensor,
+    max_exp_avg_sq: Tensor | None,
+    coefficients: Coefficients,
+    *,
+    amsgrad: bool,
+    maximize: bool,
+) -> tuple[Tensor, Tensor, Tensor, Tensor | None]:
+    """One AdamW step on real tensors; returns new ``(param, exp_avg, exp_avg_sq, max_exp_avg_sq)``.
+
+    The math runs in the coefficients' dtype (float32 for float16/bfloat16 inputs); results are
+    returned in that dtype and rounded by whoever writes them back. ``amsgrad`` and ``maximize`` are
+    Python constants: each combination specializes the compiled graph.
+    """
+    c = coefficients
+    dtype = c.step_size.dtype
+    grad = grad.to(dtype)
+    if maximize:
+        grad = -grad
+    param = param.to(dtype) * c.decay
+    exp_avg = torch.lerp(exp_avg.to(dtype), grad, c.one_minus_beta1)
+    exp_avg_sq = exp_avg_sq.to(dtype) * c.beta2 + c.one_minus_beta2 * grad * grad
+    if amsgrad:
+        assert max_exp_avg_sq is not None, "amsgrad needs max_exp_avg_sq"
+        max_exp_avg_sq = torch.maximum(max_exp_avg_sq.to(dtype), exp_avg_sq)
+        second_moment = max_exp_avg_sq
+    else:
+        second_moment = exp_avg_sq
+    denom = second_moment.sqrt() / c.bias_correction2_sqrt + c.eps
+    param = param - c.step_size * (exp_avg / denom)
+    return param, exp_avg, exp_avg_sq, max_exp_avg_sq
