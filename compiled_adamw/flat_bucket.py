@@ -35,7 +35,6 @@ from typing import Callable, Iterable, Mapping, MutableMapping, NamedTuple
 import torch
 from torch import Tensor
 
-from .update import Coefficients
 
 __all__ = ["ALIGNMENT", "FlatBucket", "StepPlan", "bucket_key"]
 
@@ -157,7 +156,7 @@ class FlatBucket:
         grads = [p.grad for p in self.params]
         present = [g is not None for g in grads]
         grads_to_copy, params_to_relink = [], []
-        if not tracing:
+        if not tracing and not self._all_in_place(grads, present):
             for i, (param, grad) in enumerate(zip(self.params, grads)):
                 if param.data_ptr() != self.param_ptrs[i]:
                     self._check_relink(i, where)
@@ -168,6 +167,14 @@ class FlatBucket:
         else:
             grads_to_copy = [(i, g) for i, g in enumerate(grads) if g is not None]
         return StepPlan(self._runs(present), present, grads_to_copy, params_to_relink)
+
+    def _all_in_place(self, grads: list[Tensor | None], present: list[bool]) -> bool:
+        """The common case, checked at C speed: every param linked, every grad at its view."""
+        if list(map(Tensor.data_ptr, self.params)) != self.param_ptrs:
+            return False
+        if all(present):
+            return list(map(Tensor.data_ptr, grads)) == self.grad_ptrs
+        return all(g is None or g.data_ptr() == ptr for g, ptr in zip(grads, self.grad_ptrs))
 
     def _check_relink(self, i: int, where: Callable[[int], str]) -> None:
         param = self.params[i]
@@ -191,6 +198,8 @@ class FlatBucket:
 
     def _runs(self, present: list[bool]) -> list[tuple[int, int]]:
         """Maximal runs of params that have a grad and share a cohort (Note [step cohorts])."""
+        if all(present) and self.cohorts.count(self.cohorts[0]) == len(self.cohorts):
+            return [(0, len(present))]
         runs: list[tuple[int, int]] = []
         start = None
         for i, (has_grad, cohort) in enumerate(zip(present, self.cohorts)):
@@ -207,7 +216,7 @@ class FlatBucket:
         self,
         plan: StepPlan,
         state: MutableMapping[Tensor, dict],
-        coefficients: Callable[[Tensor], Coefficients],
+        coefficients: Callable[[Tensor], Tensor],
         update: Callable[..., None],
         *,
         tracing: bool,
@@ -223,6 +232,8 @@ class FlatBucket:
                 for i in indices:
                     self.params[i].grad = self.grad_views[i]
         for i in itertools.compress(range(len(self.params)), plan.present):
+            if all(self.has_state):
+                break
             if not self.has_state[i]:
                 self.has_state[i] = True
                 state[self.params[i]] = self.state_views(i)

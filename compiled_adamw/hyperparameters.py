@@ -8,6 +8,9 @@ assigns a Python float instead gets that value written into the same tensor at t
 the group holds the tensor again. A tensor the user puts there is used as it is. Floats are checked
 when they are written; tensor values are checked when a group is added or loaded (a check at step
 time would be a host sync).
+
+Our own tensors are 0-dim views of one float64 vector per group, ``[lr, beta1, beta2, eps,
+weight_decay]``, which the step passes to the compiled coefficients as a single argument.
 """
 
 from __future__ import annotations
@@ -79,14 +82,15 @@ class GroupScalars:
 
     def __init__(self, group: dict[str, Any], device: torch.device, where: str):
         self.device = device
+        values = [group_value(group, name) for name in SCALAR_NAMES]
+        numbers = [check_value(name, value, where) for name, value in zip(SCALAR_NAMES, values)]
+        self.vector = torch.tensor(numbers, dtype=torch.float64, device=device)
         self.tensors: dict[str, Tensor] = {}
-        for name in SCALAR_NAMES:
-            value = group_value(group, name)
-            check_value(name, value, where)
+        for index, (name, value) in enumerate(zip(SCALAR_NAMES, values)):
             if isinstance(value, Tensor):
                 self.tensors[name] = self._checked_tensor(name, value, where)
             else:
-                self.tensors[name] = torch.tensor(float(value), dtype=torch.float64, device=device)
+                self.tensors[name] = self.vector[index]
             set_group_value(group, name, self.tensors[name])
 
     def _checked_tensor(self, name: str, value: Tensor, where: str) -> Tensor:
@@ -132,7 +136,12 @@ class GroupScalars:
     def floats(self) -> dict[str, float]:
         return {name: t.item() for name, t in self.tensors.items()}
 
-    def on(self, device: torch.device) -> tuple[Tensor, ...]:
-        """The tensors in SCALAR_NAMES order, on ``device`` (a copy only for multi-device groups)."""
-        return tuple(t if t.device == device else t.to(device, non_blocking=True)
-                     for t in self.tensors.values())
+    def packed(self, device: torch.device) -> Tensor:
+        """``[lr, beta1, beta2, eps, weight_decay]`` as one 1-D tensor on ``device``: our vector
+        itself unless the user put tensors of their own in the group (then a differentiable stack),
+        copied only for a group whose params span devices."""
+        if all(t._base is self.vector for t in self.tensors.values()):
+            packed = self.vector
+        else:
+            packed = torch.stack([t.reshape(()).to(torch.float64) for t in self.tensors.values()])
+        return packed if packed.device == device else packed.to(device, non_blocking=True)

@@ -10,8 +10,15 @@ further compile of a copy is a real recompile that the tests catch.
 
 Note [scalars outside the elementwise kernel]: ``beta ** step`` inlined into the elementwise kernel
 is recomputed for every vector of elements by Inductor's generated code, which halves the
-bandwidth of the step. The coefficients are therefore a separate (tiny) compiled function whose
-0-dim outputs the elementwise kernel only reads.
+bandwidth of the step. The coefficients are therefore a separate (tiny) compiled function. Its
+inputs (the group's hyperparameters) and outputs (the :class:`Coefficients`) each travel as one
+1-D tensor: every tensor argument of a compiled function costs a guard check on each call, and
+that per-call overhead, not the kernel, is what limits a step over many small tensors.
+
+Note [cold compile]: on CPU, Inductor's first compile in a process probes each vector ISA the CPU
+announces by building and loading a test library (about 6 s here, more than our two kernels take).
+We pass ``cpp.vec_isa_ok=True``: the ISA is then chosen from the CPU's flags without the probe.
+That choice is cached for the process, so the user's own later compiles skip the probe too.
 """
 
 from __future__ import annotations
@@ -25,7 +32,15 @@ from torch import Tensor
 
 from .update import Coefficients, adamw_coefficients, adamw_elementwise
 
-__all__ = ["apply_update_", "coefficients_kernel", "update_kernel"]
+__all__ = ["apply_update_", "coefficients_kernel", "packed_coefficients", "update_kernel"]
+
+_INDUCTOR_OPTIONS = {"cpu": {"cpp.vec_isa_ok": True}}
+
+
+def packed_coefficients(step: Tensor, hyperparameters: Tensor, *, dtype: torch.dtype) -> Tensor:
+    """:func:`adamw_coefficients` from ``hyperparameters = [lr, beta1, beta2, eps, weight_decay]``,
+    stacked into one 1-D tensor (Note [scalars outside the elementwise kernel])."""
+    return torch.stack(adamw_coefficients(step, *hyperparameters.unbind(), dtype=dtype))
 
 
 def apply_update_(
@@ -34,14 +49,17 @@ def apply_update_(
     exp_avg: Tensor,
     exp_avg_sq: Tensor,
     max_exp_avg_sq: Tensor | None,
-    coefficients: Coefficients,
+    coefficients: Tensor,
     *,
     amsgrad: bool,
     maximize: bool,
 ) -> None:
-    """:func:`adamw_elementwise` written back in place: the mutation lives only at this edge."""
+    """:func:`adamw_elementwise` written back in place: the mutation lives only at this edge.
+
+    ``coefficients`` is the packed output of :func:`packed_coefficients`.
+    """
     new_param, new_exp_avg, new_exp_avg_sq, new_max = adamw_elementwise(
-        param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq, coefficients,
+        param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq, Coefficients(*coefficients.unbind()),
         amsgrad=amsgrad, maximize=maximize,
     )
     param.copy_(new_param)
@@ -73,17 +91,17 @@ def update_kernel(
         return functools.partial(apply_update_, amsgrad=amsgrad, maximize=maximize)
     name = _configuration_name("adamw_update", device_type, dtype, f"amsgrad{int(amsgrad)}",
                                f"maximize{int(maximize)}")
-    kernel = torch.compile(_own_code_copy(apply_update_, name), fullgraph=True, dynamic=True)
+    kernel = torch.compile(_own_code_copy(apply_update_, name), fullgraph=True, dynamic=True,
+                           options=_INDUCTOR_OPTIONS.get(device_type))
     return functools.partial(kernel, amsgrad=amsgrad, maximize=maximize)
 
 
 @functools.cache
-def coefficients_kernel(
-    device_type: str, dtype: torch.dtype, compiled: bool
-) -> Callable[..., Coefficients]:
-    """:func:`adamw_coefficients` producing ``dtype`` scalars, compiled unless ``compiled=False``."""
+def coefficients_kernel(device_type: str, dtype: torch.dtype, compiled: bool) -> Callable[..., Tensor]:
+    """:func:`packed_coefficients` producing ``dtype`` scalars, compiled unless ``compiled=False``."""
     if not compiled:
-        return functools.partial(adamw_coefficients, dtype=dtype)
+        return functools.partial(packed_coefficients, dtype=dtype)
     name = _configuration_name("adamw_coefficients", device_type, dtype)
-    kernel = torch.compile(_own_code_copy(adamw_coefficients, name), fullgraph=True, dynamic=False)
+    kernel = torch.compile(_own_code_copy(packed_coefficients, name), fullgraph=True, dynamic=False,
+                           options=_INDUCTOR_OPTIONS.get(device_type))
     return functools.partial(kernel, dtype=dtype)

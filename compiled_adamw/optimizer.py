@@ -122,11 +122,11 @@ class AdamW(torch.optim.Optimizer):
         amsgrad, maximize = bool(group["amsgrad"]), bool(group["maximize"])
         bucket.set_amsgrad(amsgrad)
         dtype, device_type = compute_dtype(bucket.dtype), bucket.device.type
-        hyperparameters = scalars.on(bucket.device)
+        hyperparameters = scalars.packed(bucket.device)
         coefficients = coefficients_kernel(device_type, dtype, self.compile)
         bucket.execute(
             plan, self.state,
-            lambda step: coefficients(step, *hyperparameters),
+            lambda step: coefficients(step, hyperparameters),
             update_kernel(device_type, bucket.real_dtype, amsgrad, maximize, self.compile),
             tracing=tracing,
         )
