@@ -156,7 +156,11 @@ class FlatBucket:
         grads = [p.grad for p in self.params]
         present = [g is not None for g in grads]
         grads_to_copy, params_to_relink = [], []
-        if not tracing and not self._all_in_place(grads, present):
+        if tracing:
+            # Pointers cannot be read while tracing: copy every grad (a no-op copy where it is
+            # already in place) and trust the links made when the params were adopted.
+            grads_to_copy = [(i, g) for i, g in enumerate(grads) if g is not None]
+        elif not self._all_in_place(grads, present):
             for i, (param, grad) in enumerate(zip(self.params, grads)):
                 if param.data_ptr() != self.param_ptrs[i]:
                     self._check_relink(i, where)
@@ -164,8 +168,6 @@ class FlatBucket:
                 if grad is not None and grad.data_ptr() != self.grad_ptrs[i]:
                     self._check_grad(i, grad, where)
                     grads_to_copy.append((i, grad))
-        else:
-            grads_to_copy = [(i, g) for i, g in enumerate(grads) if g is not None]
         return StepPlan(self._runs(present), present, grads_to_copy, params_to_relink)
 
     def _all_in_place(self, grads: list[Tensor | None], present: list[bool]) -> bool:

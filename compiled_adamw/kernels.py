@@ -82,13 +82,24 @@ def _configuration_name(kind: str, *parts: object) -> str:
     return "_".join([kind, *(str(p).replace("torch.", "") for p in parts)])
 
 
-@functools.cache
 def update_kernel(
     device_type: str, dtype: torch.dtype, amsgrad: bool, maximize: bool, compiled: bool
 ) -> Callable[..., None]:
     """:func:`apply_update_` for one configuration, compiled with Inductor unless ``compiled=False``."""
     if not compiled:
         return functools.partial(apply_update_, amsgrad=amsgrad, maximize=maximize)
+    return _compiled_update(device_type, dtype, amsgrad, maximize)
+
+
+def coefficients_kernel(device_type: str, dtype: torch.dtype, compiled: bool) -> Callable[..., Tensor]:
+    """:func:`packed_coefficients` producing ``dtype`` scalars, compiled unless ``compiled=False``."""
+    if not compiled:
+        return functools.partial(packed_coefficients, dtype=dtype)
+    return _compiled_coefficients(device_type, dtype)
+
+
+@functools.cache
+def _compiled_update(device_type: str, dtype: torch.dtype, amsgrad: bool, maximize: bool) -> Callable[..., None]:
     name = _configuration_name("adamw_update", device_type, dtype, f"amsgrad{int(amsgrad)}",
                                f"maximize{int(maximize)}")
     kernel = torch.compile(_own_code_copy(apply_update_, name), fullgraph=True, dynamic=True,
@@ -97,10 +108,7 @@ def update_kernel(
 
 
 @functools.cache
-def coefficients_kernel(device_type: str, dtype: torch.dtype, compiled: bool) -> Callable[..., Tensor]:
-    """:func:`packed_coefficients` producing ``dtype`` scalars, compiled unless ``compiled=False``."""
-    if not compiled:
-        return functools.partial(packed_coefficients, dtype=dtype)
+def _compiled_coefficients(device_type: str, dtype: torch.dtype) -> Callable[..., Tensor]:
     name = _configuration_name("adamw_coefficients", device_type, dtype)
     kernel = torch.compile(_own_code_copy(packed_coefficients, name), fullgraph=True, dynamic=False,
                            options=_INDUCTOR_OPTIONS.get(device_type))

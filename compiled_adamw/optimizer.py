@@ -123,11 +123,13 @@ class AdamW(torch.optim.Optimizer):
         bucket.set_amsgrad(amsgrad)
         dtype, device_type = compute_dtype(bucket.dtype), bucket.device.type
         hyperparameters = scalars.packed(bucket.device)
-        coefficients = coefficients_kernel(device_type, dtype, self.compile)
+        # Inside a user's torch.compile, the outer compiler traces the plain functions.
+        compiled = self.compile and not tracing
+        coefficients = coefficients_kernel(device_type, dtype, compiled)
         bucket.execute(
             plan, self.state,
             lambda step: coefficients(step, hyperparameters),
-            update_kernel(device_type, bucket.real_dtype, amsgrad, maximize, self.compile),
+            update_kernel(device_type, bucket.real_dtype, amsgrad, maximize, compiled),
             tracing=tracing,
         )
 
