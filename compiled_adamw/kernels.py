@@ -15,6 +15,11 @@ inputs (the group's hyperparameters) and outputs (the :class:`Coefficients`) eac
 1-D tensor: every tensor argument of a compiled function costs a guard check on each call, and
 that per-call overhead, not the kernel, is what limits a step over many small tensors.
 
+Note [inputs without a view base]: the kernels get windows of the flat buffers. Dynamo guards on
+how an input view relates to its ``_base`` (a window that was the whole buffer when compiled gets
+the guard ``grad._base.size()[0] == grad.size()[0]``), so a shorter window would recompile. The
+compiled kernels therefore receive aliases of the same memory that have no autograd base.
+
 Note [cold compile]: on CPU, Inductor's first compile in a process probes each vector ISA the CPU
 announces by building and loading a test library (about 6 s here, more than our two kernels take).
 We pass ``cpp.vec_isa_ok=True``: the ISA is then chosen from the CPU's flags without the probe.
@@ -25,7 +30,7 @@ from __future__ import annotations
 
 import functools
 import types
-from typing import Callable
+from typing import Any, Callable
 
 import torch
 from torch import Tensor
@@ -98,13 +103,29 @@ def coefficients_kernel(device_type: str, dtype: torch.dtype, compiled: bool) ->
     return _compiled_coefficients(device_type, dtype)
 
 
+def _without_base(tensor: Tensor | None) -> Tensor | None:
+    """The same memory, shape and strides, with no ``_base`` (Note [inputs without a view base])."""
+    if tensor is None or tensor._base is None:
+        return tensor
+    alias = torch.empty(0, dtype=tensor.dtype, device=tensor.device)
+    return alias.set_(tensor.untyped_storage(), tensor.storage_offset(), tensor.shape, tensor.stride())
+
+
+def _stripping_bases(kernel: Callable[..., Any], **static: Any) -> Callable[..., Any]:
+    def call(*tensors: Tensor | None) -> Any:
+        return kernel(*map(_without_base, tensors), **static)
+
+    call.compiled = kernel
+    return call
+
+
 @functools.cache
 def _compiled_update(device_type: str, dtype: torch.dtype, amsgrad: bool, maximize: bool) -> Callable[..., None]:
     name = _configuration_name("adamw_update", device_type, dtype, f"amsgrad{int(amsgrad)}",
                                f"maximize{int(maximize)}")
     kernel = torch.compile(_own_code_copy(apply_update_, name), fullgraph=True, dynamic=True,
                            options=_INDUCTOR_OPTIONS.get(device_type))
-    return functools.partial(kernel, amsgrad=amsgrad, maximize=maximize)
+    return _stripping_bases(kernel, amsgrad=amsgrad, maximize=maximize)
 
 
 @functools.cache
@@ -112,4 +133,4 @@ def _compiled_coefficients(device_type: str, dtype: torch.dtype) -> Callable[...
     name = _configuration_name("adamw_coefficients", device_type, dtype)
     kernel = torch.compile(_own_code_copy(packed_coefficients, name), fullgraph=True, dynamic=False,
                            options=_INDUCTOR_OPTIONS.get(device_type))
-    return functools.partial(kernel, dtype=dtype)
+    return _stripping_bases(kernel, dtype=dtype)

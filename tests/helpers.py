@@ -1,0 +1,65 @@
+"""Small shared tools for the behaviour tests."""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+
+from compiled_adamw import AdamW
+
+
+def model_and_twin(seed: int = 0) -> tuple[torch.nn.Module, torch.nn.Module]:
+    torch.manual_seed(seed)
+    model = torch.nn.Sequential(torch.nn.Linear(6, 8), torch.nn.Tanh(), torch.nn.Linear(8, 2))
+    return model, copy.deepcopy(model)
+
+
+def batch(step: int) -> tuple[torch.Tensor, torch.Tensor]:
+    generator = torch.Generator().manual_seed(step)
+    return torch.randn(16, 6, generator=generator), torch.randn(16, 2, generator=generator)
+
+
+def train(model: torch.nn.Module, optimizer: torch.optim.Optimizer, steps: range, scheduler=None) -> None:
+    for step in steps:
+        x, y = batch(step)
+        optimizer.zero_grad()
+        loss = torch.nn.functional.mse_loss(model(x), y)
+        loss.backward()
+        optimizer.step()
+        if scheduler is not None:
+            scheduler.step(loss.item()) if isinstance(
+                scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau) else scheduler.step()
+
+
+def snapshot(optimizer: torch.optim.Optimizer) -> dict:
+    """Everything a failed call must leave untouched: params, grads, state and group values."""
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+    return {
+        "params": [p.detach().clone() for p in params],
+        "grads": [None if p.grad is None else p.grad.clone() for p in params],
+        "state": {i: {k: v.clone() for k, v in optimizer.state[p].items()}
+                  for i, p in enumerate(params) if p in optimizer.state},
+        "groups": [{k: (v if k == "params" else copy.deepcopy(v)) for k, v in g.items()}
+                   for g in optimizer.param_groups],
+    }
+
+
+def assert_same(before: dict, after: dict) -> None:
+    torch.testing.assert_close(after["params"], before["params"], rtol=0, atol=0)
+    torch.testing.assert_close(after["grads"], before["grads"], rtol=0, atol=0)
+    torch.testing.assert_close(after["state"], before["state"], rtol=0, atol=0)
+    for old, new in zip(before["groups"], after["groups"]):
+        assert old.keys() == new.keys()
+        for key in old:
+            if key != "params":
+                torch.testing.assert_close(new[key], old[key], rtol=0, atol=0)
+
+
+def assert_models_close(a: torch.nn.Module, b: torch.nn.Module) -> None:
+    for (name, p), q in zip(a.named_parameters(), b.parameters()):
+        torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6, msg=lambda m: f"{name}: {m}")
+
+
+def ours(model: torch.nn.Module, **kwargs) -> AdamW:
+    return AdamW(model.parameters(), lr=1e-2, **kwargs)

@@ -1,0 +1,146 @@
+"""Compiler behaviour: one graph per kernel, no graph break, no recompile, kernel counts, no sync."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from torch._dynamo.eval_frame import _debug_get_cache_entry_list
+from torch._dynamo.utils import counters
+from torch._inductor.utils import run_and_get_code
+
+from compiled_adamw import AdamW, kernels
+
+from .helpers import assert_models_close, batch, model_and_twin, ours, train
+
+
+def _cache_entries(compiled) -> int:
+    return len(_debug_get_cache_entry_list(compiled.compiled._torchdynamo_orig_callable.__code__))
+
+
+def test_scheduled_run_compiles_each_kernel_once_without_graph_breaks():
+    model, twin = model_and_twin()
+    optimizer, reference = ours(model), torch.optim.AdamW(twin.parameters(), lr=1e-2)
+    schedulers = [torch.optim.lr_scheduler.OneCycleLR(o, max_lr=0.05, total_steps=40, cycle_momentum=True)
+                  for o in (optimizer, reference)]
+    train(model, optimizer, range(1), schedulers[0])
+    train(twin, reference, range(1), schedulers[1])
+    graphs_before = counters["stats"]["unique_graphs"]
+    for start in range(1, 40, 3):
+        for o in (optimizer, reference):  # floats assigned to the group, as a user would
+            o.param_groups[0]["weight_decay"] = 0.01 * start
+            o.param_groups[0]["eps"] = 1e-8 * start
+        train(model, optimizer, range(start, start + 3), schedulers[0])
+        train(twin, reference, range(start, start + 3), schedulers[1])
+    assert counters["stats"]["unique_graphs"] == graphs_before, "a hyperparameter change recompiled"
+    assert not counters["graph_break"], dict(counters["graph_break"])
+    assert _cache_entries(kernels._compiled_update("cpu", torch.float32, False, False)) == 1
+    assert _cache_entries(kernels._compiled_coefficients("cpu", torch.float32)) == 1
+    assert_models_close(model, twin)
+
+
+def test_partial_grads_and_new_step_counts_do_not_recompile():
+    model, twin = model_and_twin()
+    optimizer, reference = ours(model), torch.optim.AdamW(twin.parameters(), lr=1e-2)
+    train(model, optimizer, range(2))
+    train(twin, reference, range(2))
+    graphs_before = counters["stats"]["unique_graphs"]
+    for step in range(2, 8):  # the first layer's bias has no grad on odd steps: runs split
+        for m, o in ((model, optimizer), (twin, reference)):
+            x, y = batch(step)
+            o.zero_grad()
+            torch.nn.functional.mse_loss(m(x), y).backward()
+            if step % 2:
+                m[0].bias.grad = None
+            o.step()
+    assert counters["stats"]["unique_graphs"] == graphs_before
+    assert optimizer.state[model[0].bias]["step"].item() == reference.state[twin[0].bias]["step"].item() == 5
+    assert_models_close(model, twin)
+
+
+def test_each_step_is_two_kernels_one_pass_over_memory():
+    """One elementwise kernel per bucket (plus the tiny scalar kernel), whatever the param count."""
+    params = [torch.zeros(n) for n in (3, 100, 17, 1)]
+    update = kernels._compiled_update.__wrapped__("cpu", torch.float32, True, False)
+    coefficients = kernels._compiled_coefficients.__wrapped__("cpu", torch.float32)
+    hyperparameters = torch.tensor([1e-3, 0.9, 0.999, 1e-8, 0.01], dtype=torch.float64)
+    with torch._inductor.config.patch(fx_graph_cache=False):
+        packed, (scalar_code,) = run_and_get_code(coefficients, torch.tensor(1.0), hyperparameters)
+        flat = torch.cat(params)
+        _, (update_code,) = run_and_get_code(update, flat, flat + 1, flat.clone(), flat.clone(), flat.clone(), packed)
+    assert scalar_code.count("async_compile.cpp_pybinding(") == 1
+    assert update_code.count("async_compile.cpp_pybinding(") == 1
+    assert "pow" not in update_code.split("cpp_pybinding")[1].split("'''")[0], "scalar math inlined"
+
+
+def test_step_inside_a_users_fullgraph_compile():
+    model, twin = model_and_twin()
+    optimizer, reference = ours(model), torch.optim.AdamW(twin.parameters(), lr=1e-2)
+
+    @torch.compile(fullgraph=True)
+    def compiled_step():
+        optimizer.step()
+
+    for step in range(4):
+        for m, o, do_step in ((model, optimizer, compiled_step), (twin, reference, reference.step)):
+            x, y = batch(step)
+            o.zero_grad()
+            torch.nn.functional.mse_loss(m(x), y).backward()
+            do_step()
+    assert_models_close(model, twin)
+
+
+def test_step_reads_no_tensor_value_on_the_host():
+    """On the meta device any host read raises: the whole step, schedulers included, runs."""
+    params = [torch.nn.Parameter(torch.empty(s, device="meta")) for s in [(3, 4), (), (0,), (5,)]]
+    optimizer = AdamW([{"params": params[:2]}, {"params": params[2:], "lr": 0.1}], amsgrad=True,
+                      compile=False)
+    scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=0.1, total_steps=10)
+    for step in range(4):
+        for i, p in enumerate(params):
+            p.grad = None if (i == 3 and step % 2) else torch.empty_like(p)
+        optimizer.step()
+        scheduler.step()
+        optimizer.param_groups[1]["weight_decay"] = 0.5
+    assert optimizer.state[params[0]]["step"].device.type == "meta"
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_step_has_no_host_sync():
+    model = torch.nn.Linear(8, 8).cuda()
+    optimizer = AdamW(model.parameters())
+    scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=0.1, total_steps=10)
+    model(torch.randn(4, 8, device="cuda")).sum().backward()
+    optimizer.step()  # compiles
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        for _ in range(3):
+            optimizer.step()
+            scheduler.step()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+
+
+COLD_START = """
+import time, torch
+from compiled_adamw import AdamW
+params = [torch.nn.Parameter(torch.randn(64)) for _ in range({n})]
+for p in params:
+    p.grad = torch.randn(64)
+optimizer = AdamW(params)
+start = time.perf_counter()
+optimizer.step()
+print(time.perf_counter() - start)
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("n", [1_000, 10_000])
+def test_cold_first_step_is_under_10_seconds(n, tmp_path):
+    env = dict(os.environ, TORCHINDUCTOR_CACHE_DIR=str(tmp_path))
+    out = subprocess.run([sys.executable, "-c", COLD_START.format(n=n)], env=env, check=True,
+                         capture_output=True, text=True).stdout
+    assert float(out.split()[-1]) < 10.0
