@@ -165,18 +165,24 @@ class FlatBucket:
                 if param.data_ptr() != self.param_ptrs[i]:
                     self._check_relink(i, where)
                     params_to_relink.append(i)
-                if grad is not None and grad.data_ptr() != self.grad_ptrs[i]:
+                if grad is not None and (grad.layout != torch.strided
+                                         or grad.data_ptr() != self.grad_ptrs[i]):
                     self._check_grad(i, grad, where)
                     grads_to_copy.append((i, grad))
         return StepPlan(self._runs(present), present, grads_to_copy, params_to_relink)
 
     def _all_in_place(self, grads: list[Tensor | None], present: list[bool]) -> bool:
-        """The common case, checked at C speed: every param linked, every grad at its view."""
-        if list(map(Tensor.data_ptr, self.params)) != self.param_ptrs:
+        """The common case, checked at C speed: every param linked, every grad at its view.
+
+        A grad without a data pointer (sparse) raises here and is diagnosed by the slow path."""
+        try:
+            if list(map(Tensor.data_ptr, self.params)) != self.param_ptrs:
+                return False
+            if all(present):
+                return list(map(Tensor.data_ptr, grads)) == self.grad_ptrs
+            return all(g is None or g.data_ptr() == ptr for g, ptr in zip(grads, self.grad_ptrs))
+        except RuntimeError:
             return False
-        if all(present):
-            return list(map(Tensor.data_ptr, grads)) == self.grad_ptrs
-        return all(g is None or g.data_ptr() == ptr for g, ptr in zip(grads, self.grad_ptrs))
 
     def _check_relink(self, i: int, where: Callable[[int], str]) -> None:
         param = self.params[i]
@@ -188,8 +194,8 @@ class FlatBucket:
             )
 
     def _check_grad(self, i: int, grad: Tensor, where: Callable[[int], str]) -> None:
-        if grad.is_sparse:
-            raise RuntimeError(f"{where(self.positions[i])} has a sparse grad; AdamW does not support sparse gradients")
+        if grad.layout != torch.strided:
+            raise RuntimeError(f"{where(self.positions[i])} has a sparse grad ({grad.layout}); AdamW does not support sparse gradients")
         expected = (self.device, self.dtype, self.layouts[i][0])
         found = (grad.device, grad.dtype, grad.shape)
         if found != expected:

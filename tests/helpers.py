@@ -53,7 +53,7 @@ def assert_same(before: dict, after: dict) -> None:
         assert old.keys() == new.keys()
         for key in old:
             if key != "params":
-                torch.testing.assert_close(new[key], old[key], rtol=0, atol=0)
+                torch.testing.assert_close(new[key], old[key], rtol=0, atol=0, equal_nan=True)
 
 
 def assert_models_close(a: torch.nn.Module, b: torch.nn.Module) -> None:

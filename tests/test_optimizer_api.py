@@ -1,0 +1,150 @@
+"""torch.optim conventions: state dict interop, hooks, closure, zero_grad, every LR scheduler."""
+
+from __future__ import annotations
+
+import io
+
+import pytest
+import torch
+
+from compiled_adamw import AdamW
+
+from .helpers import assert_models_close, batch, model_and_twin, ours, train
+
+
+def _through_disk(state_dict: dict, **load_kwargs) -> dict:
+    buffer = io.BytesIO()
+    torch.save(state_dict, buffer)
+    buffer.seek(0)
+    return torch.load(buffer, weights_only=True, **load_kwargs)
+
+
+@pytest.mark.parametrize("direction", ["ours-to-torch", "torch-to-ours"])
+def test_state_dict_round_trip_with_torch(direction):
+    model, twin = model_and_twin()
+    first = ours(model, amsgrad=True) if direction == "ours-to-torch" else torch.optim.AdamW(model.parameters(), lr=1e-2, amsgrad=True)
+    train(model, first, range(5))
+    twin.load_state_dict(model.state_dict())
+    second = (torch.optim.AdamW(twin.parameters(), lr=1e-2, amsgrad=True) if direction == "ours-to-torch"
+              else ours(twin, amsgrad=True))
+    second.load_state_dict(_through_disk(first.state_dict(), map_location="cpu"))
+    assert second.state_dict()["param_groups"] == first.state_dict()["param_groups"]
+    train(model, first, range(5, 10))
+    train(twin, second, range(5, 10))
+    assert_models_close(model, twin)
+
+
+def test_loading_writes_into_the_existing_tensors():
+    model, twin = model_and_twin()
+    optimizer = ours(model)
+    lr, state_before = optimizer.param_groups[0]["lr"], optimizer._buckets[0][0].exp_avg
+    reference = torch.optim.AdamW(twin.parameters(), lr=0.5)
+    train(twin, reference, range(2))
+    optimizer.load_state_dict(reference.state_dict())
+    assert optimizer.param_groups[0]["lr"] is lr and lr.item() == 0.5
+    first = next(iter(model.parameters()))
+    assert optimizer.state[first]["exp_avg"].untyped_storage().data_ptr() == state_before.untyped_storage().data_ptr()
+
+
+def test_model_load_state_dict_and_param_identity_survive():
+    model, twin = model_and_twin(seed=1)
+    parameters = list(model.parameters())
+    optimizer = ours(model)
+    assert [p for g in optimizer.param_groups for p in g["params"]] == parameters
+    model.load_state_dict(twin.state_dict())  # copies into the flat buffer in place
+    assert_models_close(model, twin)
+    train(model, optimizer, range(2))
+    reference = torch.optim.AdamW(twin.parameters(), lr=1e-2)
+    train(twin, reference, range(2))
+    assert_models_close(model, twin)
+
+
+def test_params_reassigned_after_construction_are_adopted():
+    model, twin = model_and_twin()
+    optimizer, reference = ours(model), torch.optim.AdamW(twin.parameters(), lr=1e-2)
+    model.load_state_dict(twin.state_dict(), assign=False)
+    model[0].weight.data = model[0].weight.data.clone()  # what model.to() does to each param
+    train(model, optimizer, range(3))
+    train(twin, reference, range(3))
+    assert_models_close(model, twin)
+
+
+def test_all_six_hooks_closure_and_zero_grad():
+    model, _ = model_and_twin()
+    optimizer = ours(model)
+    calls = []
+    optimizer.register_step_pre_hook(lambda o, a, k: calls.append("step_pre"))
+    optimizer.register_step_post_hook(lambda o, a, k: calls.append("step_post"))
+    optimizer.register_state_dict_pre_hook(lambda o: calls.append("sd_pre"))
+    optimizer.register_state_dict_post_hook(lambda o, sd: calls.append("sd_post"))
+    optimizer.register_load_state_dict_pre_hook(lambda o, sd: calls.append("load_pre"))
+    optimizer.register_load_state_dict_post_hook(lambda o: calls.append("load_post"))
+    x, y = batch(0)
+
+    def closure():
+        assert torch.is_grad_enabled()
+        optimizer.zero_grad()
+        loss = torch.nn.functional.mse_loss(model(x), y)
+        loss.backward()
+        return loss
+
+    loss = optimizer.step(closure)
+    assert isinstance(loss, torch.Tensor) and loss.requires_grad
+    optimizer.load_state_dict(optimizer.state_dict())
+    assert calls == ["step_pre", "step_post", "sd_pre", "sd_post", "load_pre", "load_post"]
+
+    bucket = optimizer._buckets[0][0]
+    optimizer.zero_grad(set_to_none=False)
+    assert all(p.grad is not None and not p.grad.any() for p in model.parameters())
+    assert [p.grad.data_ptr() for p in model.parameters()] == bucket.grad_ptrs, "grads stay in place"
+    optimizer.zero_grad()
+    assert all(p.grad is None for p in model.parameters())
+
+
+def test_float_assignment_is_written_into_the_same_tensor():
+    model, _ = model_and_twin()
+    optimizer = ours(model)
+    group = optimizer.param_groups[0]
+    lr, (beta1, beta2) = group["lr"], group["betas"]
+    group["lr"], group["betas"] = 0.1, (0.8, 0.99)
+    train(model, optimizer, range(1))
+    assert group["lr"] is lr and group["betas"][0] is beta1 and group["betas"][1] is beta2
+    assert (lr.item(), beta1.item(), beta2.item()) == (0.1, 0.8, 0.99)
+
+
+def _scheduler_factories():
+    s = torch.optim.lr_scheduler
+    return {
+        "LambdaLR": lambda o: s.LambdaLR(o, lambda e: 0.9**e),
+        "MultiplicativeLR": lambda o: s.MultiplicativeLR(o, lambda e: 0.95),
+        "StepLR": lambda o: s.StepLR(o, step_size=2, gamma=0.5),
+        "MultiStepLR": lambda o: s.MultiStepLR(o, milestones=[2, 4]),
+        "ConstantLR": lambda o: s.ConstantLR(o, factor=0.5, total_iters=3),
+        "LinearLR": lambda o: s.LinearLR(o, start_factor=0.2, total_iters=4),
+        "ExponentialLR": lambda o: s.ExponentialLR(o, gamma=0.8),
+        "PolynomialLR": lambda o: s.PolynomialLR(o, total_iters=6, power=2.0),
+        "CosineAnnealingLR": lambda o: s.CosineAnnealingLR(o, T_max=5),
+        "CosineAnnealingWarmRestarts": lambda o: s.CosineAnnealingWarmRestarts(o, T_0=3),
+        "CyclicLR": lambda o: s.CyclicLR(o, base_lr=1e-3, max_lr=1e-2, step_size_up=2, cycle_momentum=False),
+        "CyclicLR-beta1": lambda o: s.CyclicLR(o, base_lr=1e-3, max_lr=1e-2, step_size_up=2,
+                                               base_momentum=0.8, max_momentum=0.9),
+        "OneCycleLR": lambda o: s.OneCycleLR(o, max_lr=0.05, total_steps=10),
+        "SequentialLR": lambda o: s.SequentialLR(o, [s.ConstantLR(o, factor=0.5, total_iters=2),
+                                                     s.ExponentialLR(o, gamma=0.9)], milestones=[2]),
+        "ChainedScheduler": lambda o: s.ChainedScheduler([s.ConstantLR(o, factor=0.5, total_iters=2),
+                                                          s.ExponentialLR(o, gamma=0.9)]),
+        "ReduceLROnPlateau": lambda o: s.ReduceLROnPlateau(o, patience=0, factor=0.5),
+    }
+
+
+@pytest.mark.parametrize("name", list(_scheduler_factories()))
+def test_every_lr_scheduler(name):
+    factory = _scheduler_factories()[name]
+    model, twin = model_and_twin()
+    optimizer, reference = ours(model), torch.optim.AdamW(twin.parameters(), lr=1e-2)
+    lr_tensor = optimizer.param_groups[0]["lr"]
+    train(model, optimizer, range(8), factory(optimizer))
+    train(twin, reference, range(8), factory(reference))
+    assert optimizer.param_groups[0]["lr"] is lr_tensor, "the scheduler must write in place"
+    assert lr_tensor.item() == pytest.approx(reference.param_groups[0]["lr"], rel=1e-6)
+    assert_models_close(model, twin)
