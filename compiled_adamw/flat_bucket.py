@@ -270,7 +270,8 @@ class FlatBucket:
     def zero_grads(self) -> bool:
         """Zero every grad with one fill if all of them are in place; False if some are not."""
         grads = [p.grad for p in self.params]
-        if any(g is not None and g.data_ptr() != ptr for g, ptr in zip(grads, self.grad_ptrs)):
+        if any(g is not None and (g.layout != torch.strided or g.data_ptr() != ptr)
+               for g, ptr in zip(grads, self.grad_ptrs)):
             return False
         for g in grads:
             if g is not None and g.grad_fn is not None:

@@ -7,7 +7,6 @@ import io
 import pytest
 import torch
 
-from compiled_adamw import AdamW
 
 from .helpers import assert_models_close, batch, model_and_twin, ours, train
 
