@@ -239,12 +239,11 @@ class FlatBucket:
             if not tracing:
                 for i in indices:
                     self.params[i].grad = self.grad_views[i]
-        for i in itertools.compress(range(len(self.params)), plan.present):
-            if all(self.has_state):
-                break
-            if not self.has_state[i]:
-                self.has_state[i] = True
-                state[self.params[i]] = self.state_views(i)
+        if not all(self.has_state):
+            for i in itertools.compress(range(len(self.params)), plan.present):
+                if not self.has_state[i]:
+                    self.has_state[i] = True
+                    state[self.params[i]] = self.state_views(i)
         for first, last in plan.runs:
             self.steps[first:last].add_(1)
             scalars = coefficients(self.steps[first])
