@@ -36,7 +36,7 @@ import torch
 from torch import Tensor
 
 
-__all__ = ["ALIGNMENT", "FlatBucket", "StepPlan", "bucket_key"]
+__all__ = ["ALIGNMENT", "FlatBucket", "StepPlan", "bucket_key", "group_into_buckets"]
 
 ALIGNMENT = 16
 STATE_KEYS = ("exp_avg", "exp_avg_sq", "max_exp_avg_sq")

@@ -130,7 +130,7 @@ class GroupScalars:
         for name in SCALAR_NAMES:
             value = group_value(group, name)
             check_value(name, value, where)
-            self.tensors[name].copy_(value) if isinstance(value, Tensor) else self.tensors[name].fill_(value)
+            self.tensors[name].copy_(torch.as_tensor(value, dtype=self.tensors[name].dtype))
             set_group_value(group, name, self.tensors[name])
 
     def floats(self) -> dict[str, float]:
