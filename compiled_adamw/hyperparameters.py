@@ -1,16 +1,16 @@
 """Hyperparameters as 0-dim tensors on the params' device.
 
-Note [hyperparameters are tensors]: the compiled step reads lr, beta1, beta2, eps and weight_decay
-from 0-dim tensors, so changing one never recompiles and a captured graph sees the new value. Each
+Note [hyperparameters are tensors]: the compiled step reads lr, beta1, beta2, eps, weight_decay
+and eps_root (Note [eps_root]) from 0-dim tensors, so changing one never recompiles and a captured graph sees the new value. Each
 group keeps its tensors in ``group["lr"]``, ``group["betas"]``, ``group["eps"]`` and
-``group["weight_decay"]``. Schedulers fill them in place; a user (or OneCycleLR for beta1) who
+``group["weight_decay"]`` and ``group["eps_root"]``. Schedulers fill them in place; a user (or OneCycleLR for beta1) who
 assigns a Python float instead gets that value written into the same tensor at the next step, and
 the group holds the tensor again. A tensor the user puts there is used as it is. Floats are checked
 when they are written; tensor values are checked when a group is added or loaded (a check at step
 time would be a host sync).
 
 Our own tensors are 0-dim views of one float64 vector per group, ``[lr, beta1, beta2, eps,
-weight_decay]``, which the step passes to the compiled coefficients as a single argument.
+weight_decay, eps_root]``, which the step passes to the compiled coefficients as a single argument.
 """
 
 from __future__ import annotations
@@ -22,9 +22,11 @@ from typing import Any
 import torch
 from torch import Tensor
 
-__all__ = ["SCALAR_NAMES", "GroupScalars", "check_value", "group_value", "set_group_value"]
+__all__ = ["OPTIONAL_DEFAULTS", "SCALAR_NAMES", "GroupScalars", "check_value", "group_value", "set_group_value"]
 
-SCALAR_NAMES = ("lr", "beta1", "beta2", "eps", "weight_decay")
+SCALAR_NAMES = ("lr", "beta1", "beta2", "eps", "weight_decay", "eps_root")
+# Keys that torch.optim.AdamW's groups lack; a group loaded from its checkpoints gets the default.
+OPTIONAL_DEFAULTS = {"eps_root": 0.0}
 
 _RANGES = {
     "lr": (0.0, math.inf, "lr >= 0"),
@@ -32,6 +34,7 @@ _RANGES = {
     "beta2": (0.0, 1.0, "0 <= beta2 < 1"),
     "eps": (0.0, math.inf, "eps >= 0"),
     "weight_decay": (0.0, math.inf, "weight_decay >= 0"),
+    "eps_root": (0.0, math.inf, "eps_root >= 0"),
 }
 
 
@@ -41,6 +44,8 @@ def group_value(group: dict[str, Any], name: str) -> Any:
         if not isinstance(betas, (tuple, list)) or len(betas) != 2:
             raise ValueError(f"betas must be a pair (beta1, beta2), got {betas!r}")
         return betas[name == "beta2"]
+    if name in OPTIONAL_DEFAULTS:
+        return group.get(name, OPTIONAL_DEFAULTS[name])
     return group[name]
 
 
@@ -137,7 +142,7 @@ class GroupScalars:
         return {name: t.item() for name, t in self.tensors.items()}
 
     def packed(self, device: torch.device) -> Tensor:
-        """``[lr, beta1, beta2, eps, weight_decay]`` as one 1-D tensor on ``device``: our vector
+        """``[lr, beta1, beta2, eps, weight_decay, eps_root]`` as one 1-D tensor on ``device``: our vector
         itself unless the user put tensors of their own in the group (then a differentiable stack),
         copied only for a group whose params span devices."""
         if all(t._base is self.vector for t in self.tensors.values()):

@@ -35,15 +35,18 @@ from typing import Any, Callable
 import torch
 from torch import Tensor
 
+from .functional import step_flat
 from .update import Coefficients, adamw_coefficients, adamw_elementwise
 
-__all__ = ["apply_update_", "coefficients_kernel", "packed_coefficients", "update_kernel"]
+__all__ = ["apply_update_", "coefficients_kernel", "differentiable_kernel", "packed_coefficients",
+           "update_kernel"]
 
 _INDUCTOR_OPTIONS = {"cpu": {"cpp.vec_isa_ok": True}}
 
 
 def packed_coefficients(step: Tensor, hyperparameters: Tensor, *, dtype: torch.dtype) -> Tensor:
-    """:func:`adamw_coefficients` from ``hyperparameters = [lr, beta1, beta2, eps, weight_decay]``,
+    """:func:`adamw_coefficients` from ``hyperparameters = [lr, beta1, beta2, eps, weight_decay,
+    eps_root]``,
     stacked into one 1-D tensor (Note [scalars outside the elementwise kernel])."""
     return torch.stack(adamw_coefficients(step, *hyperparameters.unbind(), dtype=dtype))
 
@@ -103,6 +106,15 @@ def coefficients_kernel(device_type: str, dtype: torch.dtype, compiled: bool) ->
     return _compiled_coefficients(device_type, dtype)
 
 
+def differentiable_kernel(
+    device_type: str, dtype: torch.dtype, amsgrad: bool, maximize: bool, compiled: bool
+) -> Callable[..., tuple]:
+    """:func:`~compiled_adamw.functional.step_flat` for ``dtype`` params, compiled unless
+    ``compiled=False``. AOTAutograd builds its backward; that backward is not itself
+    differentiable (no double backward through the compiled step)."""
+    return _compiled_differentiable(device_type, dtype, amsgrad, maximize) if compiled else step_flat
+
+
 def _without_base(tensor: Tensor | None) -> Tensor | None:
     """The same memory, shape and strides, with no ``_base`` (Note [inputs without a view base])."""
     if tensor is None or tensor._base is None:
@@ -134,3 +146,12 @@ def _compiled_coefficients(device_type: str, dtype: torch.dtype) -> Callable[...
     kernel = torch.compile(_own_code_copy(packed_coefficients, name), fullgraph=True, dynamic=False,
                            options=_INDUCTOR_OPTIONS.get(device_type))
     return _stripping_bases(kernel, dtype=dtype)
+
+
+@functools.cache
+def _compiled_differentiable(device_type: str, dtype: torch.dtype, amsgrad: bool,
+                             maximize: bool) -> Callable[..., tuple]:
+    name = _configuration_name("adamw_differentiable", device_type, dtype, f"amsgrad{int(amsgrad)}",
+                               f"maximize{int(maximize)}")
+    return torch.compile(_own_code_copy(step_flat, name), fullgraph=True, dynamic=True,
+                         options=_INDUCTOR_OPTIONS.get(device_type))

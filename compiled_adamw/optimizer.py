@@ -13,8 +13,9 @@ import torch
 from torch import Tensor
 
 from .flat_bucket import STATE_KEYS, FlatBucket, group_into_buckets
-from .hyperparameters import SCALAR_NAMES, GroupScalars, check_value, group_value
-from .kernels import coefficients_kernel, update_kernel
+from .functional import step_flat_as
+from .hyperparameters import OPTIONAL_DEFAULTS, SCALAR_NAMES, GroupScalars, check_value, group_value
+from .kernels import coefficients_kernel, differentiable_kernel, update_kernel
 from .update import compute_dtype
 
 __all__ = ["AdamW"]
@@ -37,7 +38,13 @@ class AdamW(torch.optim.Optimizer):
             and ``maximize`` are static: each combination compiles its own kernel.
         foreach, fused, capturable: accepted and stored for drop-in compatibility; they change
             nothing, since the step is always one fused kernel per bucket and always capturable.
-        differentiable: not supported yet (raises); see the README.
+        differentiable: as in torch.optim.AdamW: ``step()`` runs with grad enabled and keeps
+            autograd history through the update, to params (updated in place, so they must not
+            be leaves that require grad), state, grads and tensor hyperparameters. Params are then
+            stepped one by one (no flat buffers), each through the same compiled function.
+        eps_root: keyword-only, ours (optax's and TorchOpt's): added under the square root, for
+            finite meta-gradients where a gradient entry is 0 (Note [eps_root] in ``update.py``).
+            The default 0 gives torch's numbers exactly.
         compile: keyword-only, ours. ``True`` (default) runs the step through ``torch.compile``
             (Inductor); ``False`` runs the very same functions eagerly, for debugging or where no
             compiler is available. Both give the same numbers.
@@ -57,18 +64,17 @@ class AdamW(torch.optim.Optimizer):
         capturable: bool = False,
         differentiable: bool = False,
         fused: bool | None = None,
+        eps_root: float | Tensor = 0.0,
         compile: bool = True,
     ):
-        if differentiable:
-            raise NotImplementedError(
-                "compiled_adamw.AdamW(differentiable=True) is not implemented yet; use "
-                "torch.optim.AdamW(differentiable=True) for autograd through the step")
         defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, amsgrad=amsgrad,
                         maximize=maximize, foreach=foreach, capturable=capturable,
-                        differentiable=differentiable, fused=fused, decoupled_weight_decay=True)
+                        differentiable=differentiable, fused=fused, decoupled_weight_decay=True,
+                        eps_root=eps_root)
         for name in SCALAR_NAMES:
             check_value(name, group_value(defaults, name))
         self.compile = compile
+        self.differentiable = bool(differentiable)
         self._scalars: list[GroupScalars] = []
         self._buckets: list[list[FlatBucket]] = []
         super().__init__(params, defaults)
@@ -81,6 +87,9 @@ class AdamW(torch.optim.Optimizer):
         index = len(self.param_groups) - 1
         group = self.param_groups[index]
         try:
+            if bool(group["differentiable"]) != self.differentiable:
+                raise ValueError(f"param_groups[{index}] has differentiable={group['differentiable']}, "
+                                 f"the optimizer was built with differentiable={self.differentiable}")
             for position, p in enumerate(group["params"]):
                 if not (p.is_floating_point() or p.is_complex()):
                     raise ValueError(f"{_param_name(index, position)} is {p.dtype}; AdamW needs "
@@ -91,8 +100,17 @@ class AdamW(torch.optim.Optimizer):
             self.param_groups.pop()
             raise
         self._scalars.append(scalars)
+        if self.differentiable:
+            self._buckets.append([])  # stepped param by param, with autograd history
+            return
         with torch.no_grad():
             self._buckets.append(group_into_buckets(group["params"], amsgrad=group["amsgrad"]))
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        super().__setstate__(state)
+        for group in self.param_groups:
+            for key, default in OPTIONAL_DEFAULTS.items():
+                group.setdefault(key, default)
 
     # ---- the step -----------------------------------------------------------------------------
 
@@ -110,11 +128,17 @@ class AdamW(torch.optim.Optimizer):
                 changes.append(self._scalars[index].pending(group, where))
                 plans.append([bucket.plan(_namer(index), tracing=tracing)
                               for bucket in self._buckets[index]])
+                if self.differentiable:
+                    _check_differentiable_group(index, group)
             # Everything above only reads; from here on, nothing raises on bad input.
             for index, group in enumerate(self.param_groups):
                 self._scalars[index].apply(group, changes[index])
                 for bucket, plan in zip(self._buckets[index], plans[index]):
                     self._step_bucket(group, self._scalars[index], bucket, plan, tracing)
+        if self.differentiable:
+            with torch.enable_grad():
+                for group, scalars in zip(self.param_groups, self._scalars):
+                    self._step_differentiable(group, scalars, tracing)
         return loss
 
     def _step_bucket(self, group: dict[str, Any], scalars: GroupScalars, bucket: FlatBucket,
@@ -132,6 +156,37 @@ class AdamW(torch.optim.Optimizer):
             update_kernel(device_type, bucket.real_dtype, amsgrad, maximize, compiled),
             tracing=tracing,
         )
+
+    def _step_differentiable(self, group: dict[str, Any], scalars: GroupScalars, tracing: bool) -> None:
+        """Each param's new values from :func:`~compiled_adamw.functional.step_flat_as`; the param
+        is written in place (``copy_`` keeps its identity and records the history), the state
+        entries are replaced by the new tensors."""
+        amsgrad, maximize = bool(group["amsgrad"]), bool(group["maximize"])
+        compiled = self.compile and not tracing
+        for p in group["params"]:
+            if p.grad is None:
+                continue
+            state = self.state[p]
+            if not state:
+                state["step"] = torch.zeros((), dtype=torch.float32, device=p.device)
+                state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+            if amsgrad and "max_exp_avg_sq" not in state:
+                state["max_exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+            with torch.no_grad():
+                state["step"].add_(1)
+            real_dtype = p.dtype.to_real() if p.is_complex() else p.dtype
+            # The step saves its inputs for backward; the clone keeps the saved value of p intact
+            # when p.copy_ below bumps p's version.
+            new_param, *new_state = step_flat_as(
+                p.clone(), p.grad, state["exp_avg"], state["exp_avg_sq"],
+                state.get("max_exp_avg_sq") if amsgrad else None, state["step"],
+                scalars.packed(p.device), amsgrad=amsgrad, maximize=maximize,
+                kernel=differentiable_kernel(p.device.type, real_dtype, amsgrad, maximize, compiled))
+            p.copy_(new_param)
+            for key, value in zip(STATE_KEYS, new_state):
+                if value is not None:
+                    state[key] = value
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         """As torch's; with ``set_to_none=False`` a bucket whose grads are in place is one fill."""
@@ -164,6 +219,23 @@ def _param_name(group: int, position: int) -> str:
     return f"param_groups[{group}]['params'][{position}]"
 
 
+def _check_differentiable_group(index: int, group: dict[str, Any]) -> None:
+    for position, p in enumerate(group["params"]):
+        if p.grad is None:
+            continue
+        name, grad = _param_name(index, position), p.grad
+        if p.is_leaf and p.requires_grad:
+            raise RuntimeError(
+                f"{name} is a leaf tensor that requires grad; differentiable=True updates params in "
+                "place, which autograd forbids for such leaves. Step non-leaf copies (w = w0.clone()) "
+                "or use compiled_adamw.functional.update, which returns new params")
+        if grad.is_sparse:
+            raise RuntimeError(f"{name} has a sparse grad; AdamW does not support sparse gradients")
+        if grad.shape != p.shape or grad.dtype != p.dtype or grad.device != p.device:
+            raise RuntimeError(f"{name} is {p.dtype} {tuple(p.shape)} on {p.device} but its grad is "
+                               f"{grad.dtype} {tuple(grad.shape)} on {grad.device}")
+
+
 def _namer(group: int) -> Callable[[int], str]:
     return lambda position: _param_name(group, position)
 
@@ -174,7 +246,7 @@ def _hyperparameters_as_floats(optimizer: AdamW, state_dict: dict[str, Any]) -> 
     for group, scalars in zip(state_dict["param_groups"], optimizer._scalars):
         values = scalars.floats()
         group.update(lr=values["lr"], betas=(values["beta1"], values["beta2"]), eps=values["eps"],
-                     weight_decay=values["weight_decay"])
+                     weight_decay=values["weight_decay"], eps_root=values["eps_root"])
 
 
 def _validate_checkpoint(optimizer: AdamW, state_dict: dict[str, Any]) -> None:

@@ -16,7 +16,8 @@ For step ``t`` (counted from 1), learning rate ``lr``, betas ``b1, b2``, ``eps``
     m      = lerp(m, g, 1 - b1)                      # = b1 * m + (1 - b1) * g
     v      = b2 * v + (1 - b2) * g * g
     v_max  = max(v_max, v)                           # amsgrad only: the raw v, as torch does
-    denom  = sqrt(v_max if amsgrad else v) / sqrt(1 - b2**t) + eps
+    v_used = v_max if amsgrad else v
+    denom  = sqrt(v_used + eps_root * (1 - b2**t)) / sqrt(1 - b2**t) + eps   # eps_root: ours, 0
     param  = param - lr / (1 - b1**t) * m / denom
 
 This is ``torch.optim.AdamW``'s documented algorithm with ``m_hat / (sqrt(v_hat) + eps)`` rewritten
@@ -27,6 +28,12 @@ single step size would move eps and change the result for small ``v``. The float
 
 For AMSGrad, torch's documentation writes ``max(v_hat_max, v_hat)``; its implementation (which we
 match) keeps the max of the raw ``v`` and bias-corrects that.
+
+Note [eps_root]: ``eps_root`` (ours, default 0; optax and TorchOpt have it) is added inside the
+square root. ``d sqrt(v) / dv`` is infinite at ``v = 0``, so a gradient entry that is exactly 0
+on every step so far makes meta-gradients through the step NaN; a tiny ``eps_root`` (say 1e-16)
+keeps them finite. With ``eps_root = 0`` the result is bit-for-bit the formula above without it,
+because ``x + 0 == x``; in the documentation's terms it is ``sqrt(v_hat + eps_root) + eps``.
 """
 
 from __future__ import annotations
@@ -46,6 +53,7 @@ class Coefficients(NamedTuple):
     step_size: Tensor  # lr / (1 - b1**t)
     bias_correction2_sqrt: Tensor  # sqrt(1 - b2**t)
     eps: Tensor
+    root_offset: Tensor  # eps_root * (1 - b2**t), added to v under the root (Note [eps_root])
     one_minus_beta1: Tensor
     beta2: Tensor
     one_minus_beta2: Tensor
@@ -65,6 +73,7 @@ def adamw_coefficients(
     beta2: Tensor,
     eps: Tensor,
     weight_decay: Tensor,
+    eps_root: Tensor,
     *,
     dtype: torch.dtype,
 ) -> Coefficients:
@@ -75,14 +84,16 @@ def adamw_coefficients(
     within an ulp of torch's and keeps ``b2**t`` accurate for ``b2`` close to 1.
     """
     f64 = torch.float64
-    step, lr, beta1, beta2, eps, weight_decay = (
-        x.to(f64) for x in (step, lr, beta1, beta2, eps, weight_decay)
+    step, lr, beta1, beta2, eps, weight_decay, eps_root = (
+        x.to(f64) for x in (step, lr, beta1, beta2, eps, weight_decay, eps_root)
     )
+    bias_correction2 = 1 - beta2**step
     return Coefficients(
         decay=(1 - lr * weight_decay).to(dtype),
         step_size=(lr / (1 - beta1**step)).to(dtype),
-        bias_correction2_sqrt=(1 - beta2**step).sqrt().to(dtype),
+        bias_correction2_sqrt=bias_correction2.sqrt().to(dtype),
         eps=eps.to(dtype),
+        root_offset=(eps_root * bias_correction2).to(dtype),
         one_minus_beta1=(1 - beta1).to(dtype),
         beta2=beta2.to(dtype),
         one_minus_beta2=(1 - beta2).to(dtype),
@@ -120,6 +131,6 @@ def adamw_elementwise(
         second_moment = max_exp_avg_sq
     else:
         second_moment = exp_avg_sq
-    denom = second_moment.sqrt() / c.bias_correction2_sqrt + c.eps
+    denom = (second_moment + c.root_offset).sqrt() / c.bias_correction2_sqrt + c.eps
     param = param - c.step_size * (exp_avg / denom)
     return param, exp_avg, exp_avg_sq, max_exp_avg_sq
