@@ -154,10 +154,14 @@ def step_flat_as(
 def real_flat(tensor: Tensor) -> Tensor:
     """``tensor`` as a 1-D real tensor (complex numbers as pairs, as torch steps them).
 
-    Always a view (of a contiguous copy if need be): Dynamo guards on whether an input is a view,
-    and a uniform answer keeps one compiled graph for every param.
+    Note [flat inputs are not views]: Dynamo guards on an input view's base (its rank and sizes),
+    so views of params of different ranks would each compile the step again, soon past the
+    recompile limit. ``aten._unsafe_view`` reshapes without recording a view: same memory, full
+    autograd support, no base. Nothing mutates these tensors in place (the differentiable
+    optimizer steps a clone of each param), which is what makes sharing memory safe.
     """
-    return (torch.view_as_real(tensor) if tensor.is_complex() else tensor).contiguous().view(-1)
+    real = torch.view_as_real(tensor) if tensor.is_complex() else tensor
+    return torch.ops.aten._unsafe_view(real.contiguous(), [-1])
 
 
 def restore(flat: Tensor, like: Tensor) -> Tensor:

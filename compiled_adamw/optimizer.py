@@ -173,8 +173,8 @@ class AdamW(torch.optim.Optimizer):
                 state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
             if amsgrad and "max_exp_avg_sq" not in state:
                 state["max_exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-            with torch.no_grad():
-                state["step"].add_(1)
+            # A new tensor, not add_: the compiled step may have saved the old one for backward.
+            state["step"] = state["step"].detach() + 1
             real_dtype = p.dtype.to_real() if p.is_complex() else p.dtype
             # The step saves its inputs for backward; the clone keeps the saved value of p intact
             # when p.copy_ below bumps p's version.

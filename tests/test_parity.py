@@ -18,17 +18,29 @@ def _numpy(t: torch.Tensor) -> np.ndarray:
     return (torch.view_as_real(t) if t.is_complex() else t).double().numpy()
 
 
-@pytest.fixture(params=[True, False], ids=["compiled", "eager"])
-def compiled(request) -> bool:
-    return request.param
+MODES = {
+    "compiled": dict(compile=True),
+    "eager": dict(compile=False),
+    # Autograd history through every step; the forward values must not change.
+    "differentiable-compiled": dict(compile=True, differentiable=True),
+    "differentiable-eager": dict(compile=False, differentiable=True),
+}
+
+
+@pytest.fixture(params=list(MODES))
+def mode(request) -> dict:
+    return MODES[request.param]
 
 
 @pytest.mark.parametrize("config", CONFIGS, ids=lambda c: c.id)
-def test_matches_torch_and_oracle(config: Config, compiled: bool):
+def test_matches_torch_and_oracle(config: Config, mode: dict):
     ours_params, torch_params = make_params(config), make_params(config)
+    if mode.get("differentiable"):
+        # Differentiable steps update params in place with history: they must not be leaves.
+        ours_params = [p.clone() for p in ours_params]
     strides = [p.stride() for p in ours_params]
     ours = AdamW(param_groups(ours_params, config, tensors=config.tensor_hyperparameters),
-                 compile=compiled, **config.kwargs)
+                 **mode, **config.kwargs)
     reference = torch.optim.AdamW(param_groups(torch_params, config), **config.kwargs)
     oracles = [OracleAdamW([_numpy(p) for p in members], **config.kwargs)
                for members in group_split(ours_params)]
