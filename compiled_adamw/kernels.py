@@ -110,8 +110,13 @@ def differentiable_kernel(
     device_type: str, dtype: torch.dtype, amsgrad: bool, maximize: bool, compiled: bool
 ) -> Callable[..., tuple]:
     """:func:`~compiled_adamw.functional.step_flat` for ``dtype`` params, compiled unless
-    ``compiled=False``. AOTAutograd builds its backward; that backward is not itself
-    differentiable (no double backward through the compiled step)."""
+    ``compiled=False``.
+
+    AOTAutograd builds its backward, with torch's limits: that backward is not itself
+    differentiable (no double backward through the compiled step), and a backward through it with
+    ``retain_graph=True`` needs ``torch._functorch.config.donated_buffer = False`` (set when the
+    step compiles and when backward runs; torch checks it in both places).
+    """
     return _compiled_differentiable(device_type, dtype, amsgrad, maximize) if compiled else step_flat
 
 

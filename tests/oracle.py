@@ -28,7 +28,7 @@ class OracleAdamW:
         self.v_max = [np.zeros_like(p) for p in self.params]
 
     def step(self, grads: list[np.ndarray | None], *, lr: float, betas: tuple[float, float],
-             eps: float, weight_decay: float) -> None:
+             eps: float, weight_decay: float, eps_root: float = 0.0) -> None:
         beta1, beta2 = betas
         for i, grad in enumerate(grads):
             if grad is None:
@@ -45,4 +45,5 @@ class OracleAdamW:
                 v_hat = self.v_max[i] / (1 - beta2**t)
             else:
                 v_hat = self.v[i] / (1 - beta2**t)
-            self.params[i] = theta - lr * m_hat / (np.sqrt(v_hat) + eps)
+            # eps_root is ours (optax's): under the root, added to the bias-corrected v.
+            self.params[i] = theta - lr * m_hat / (np.sqrt(v_hat + eps_root) + eps)
