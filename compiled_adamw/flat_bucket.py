@@ -46,6 +46,15 @@ def bucket_key(param: Tensor) -> tuple[torch.device, torch.dtype]:
     return param.device, param.dtype
 
 
+def _static(buffer: Tensor) -> Tensor:
+    """Note [static buffers]: the buffers live as long as the optimizer and never move. Marking them
+    so tells a user's ``torch.compile(mode="reduce-overhead")`` that the step's in-place writes go
+    to fixed addresses, which CUDA graphs (cudagraph trees) need in order not to skip the graph.
+    Our own kernels receive base-less aliases (Note [inputs without a view base]), unmarked."""
+    torch._dynamo.mark_static_address(buffer)
+    return buffer
+
+
 def _round_up(n: int, multiple: int) -> int:
     return -(-n // multiple) * multiple
 
@@ -83,7 +92,7 @@ class FlatBucket:
         self.exp_avg = self._zeros()
         self.exp_avg_sq = self._zeros()
         self.max_exp_avg_sq = self._zeros() if amsgrad else None
-        self.steps = torch.zeros(len(params), dtype=torch.float32, device=self.device)
+        self.steps = _static(torch.zeros(len(params), dtype=torch.float32, device=self.device))
         self.cohorts = [0] * len(params)
         self.has_state = [False] * len(params)
         self.grad_views = [self.view(self.flat_grad, i) for i in range(len(params))]
@@ -94,7 +103,7 @@ class FlatBucket:
                 self._link_param(i)
 
     def _zeros(self) -> Tensor:
-        return torch.zeros(self.length, dtype=self.real_dtype, device=self.device)
+        return _static(torch.zeros(self.length, dtype=self.real_dtype, device=self.device))
 
     def view(self, buffer: Tensor, i: int) -> Tensor:
         """Param ``i``'s segment of ``buffer``, with the param's dtype, shape and strides."""

@@ -122,17 +122,16 @@ class AdamW(torch.optim.Optimizer):
                 loss = closure()
         tracing = torch.compiler.is_compiling()
         with torch.no_grad():
-            changes, plans = [], []
+            changes = self._pending_hyperparameters()
+            plans = []
             for index, group in enumerate(self.param_groups):
-                where = f"param_groups[{index}]"
-                changes.append(self._scalars[index].pending(group, where))
                 plans.append([bucket.plan(_namer(index), tracing=tracing)
                               for bucket in self._buckets[index]])
                 if self.differentiable:
                     _check_differentiable_group(index, group)
             # Everything above only reads; from here on, nothing raises on bad input.
+            self._apply_hyperparameters(changes)
             for index, group in enumerate(self.param_groups):
-                self._scalars[index].apply(group, changes[index])
                 for bucket, plan in zip(self._buckets[index], plans[index]):
                     self._step_bucket(group, self._scalars[index], bucket, plan, tracing)
         if self.differentiable:
@@ -140,6 +139,23 @@ class AdamW(torch.optim.Optimizer):
                 for group, scalars in zip(self.param_groups, self._scalars):
                     self._step_differentiable(group, scalars, tracing)
         return loss
+
+    def sync_hyperparameters(self) -> None:
+        """Write floats assigned to the groups (``group["lr"] = 0.1``) into the groups' tensors now.
+
+        ``step()`` does this itself; call it before capturing or replaying a CUDA graph, whose
+        replay runs no Python (Note [floats between replays] in ``capture.py``).
+        """
+        with torch.no_grad():
+            self._apply_hyperparameters(self._pending_hyperparameters())
+
+    def _pending_hyperparameters(self) -> list[list[tuple[str, Any]]]:
+        return [scalars.pending(group, f"param_groups[{index}]")
+                for index, (group, scalars) in enumerate(zip(self.param_groups, self._scalars))]
+
+    def _apply_hyperparameters(self, changes: list[list[tuple[str, Any]]]) -> None:
+        for group, scalars, group_changes in zip(self.param_groups, self._scalars, changes):
+            scalars.apply(group, group_changes)
 
     def _step_bucket(self, group: dict[str, Any], scalars: GroupScalars, bucket: FlatBucket,
                      plan: Any, tracing: bool) -> None:

@@ -1,0 +1,79 @@
+"""``python -m benchmarks``: measure, print the tables, write JSON and PNG, optionally the README.
+
+Examples::
+
+    python -m benchmarks                                 # the full run (tens of minutes on 2 cores)
+    python -m benchmarks --quick                         # smaller sizes, no fresh-process compile times
+    python -m benchmarks --readme README.md              # also rewrite the README's performance section
+    python -m benchmarks --contenders ours torch-fused   # a subset
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import torch
+
+from .contenders import BASELINE, CONTENDERS, by_name
+from .report import markdown, update_readme, write_json, write_plot
+from .run import Settings, run
+
+
+def _arguments(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--contenders", nargs="+", metavar="NAME",
+                        help=f"default: all of {[c.name for c in CONTENDERS]}")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--scale", type=float, default=1.0, help="multiply every workload's size")
+    parser.add_argument("--repetitions", type=int, default=10)
+    parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--schedule-steps", type=int, default=100)
+    parser.add_argument("--compile-timeout", type=float, default=300.0, help="seconds per fresh process")
+    parser.add_argument("--no-compile-times", action="store_true",
+                        help="skip the cold/warm first-step measurements in fresh processes")
+    parser.add_argument("--scaling-counts", type=int, nargs="+", default=[10, 100, 1000, 10000])
+    parser.add_argument("--unroll-steps", type=int, default=10)
+    parser.add_argument("--quick", action="store_true", help="--scale 0.1 --no-compile-times --repetitions 5")
+    parser.add_argument("--out", type=Path, default=Path("benchmarks/results"), help="folder for JSON and PNG")
+    parser.add_argument("--readme", type=Path, help="rewrite this README's performance section")
+    arguments = parser.parse_args(argv)
+    if arguments.quick:
+        arguments.scale, arguments.no_compile_times, arguments.repetitions = 0.1, True, 5
+    return arguments
+
+
+def main(argv: list[str] | None = None) -> dict:
+    arguments = _arguments(argv)
+    contenders = by_name(arguments.contenders)
+    if BASELINE not in [c.name for c in contenders]:
+        contenders.append(by_name([BASELINE])[0])
+    settings = Settings(device=arguments.device, scale=arguments.scale, repetitions=arguments.repetitions,
+                        warmup=arguments.warmup, schedule_steps=arguments.schedule_steps,
+                        compile_times=not arguments.no_compile_times,
+                        compile_timeout=arguments.compile_timeout,
+                        scaling_counts=tuple(arguments.scaling_counts), unroll_steps=arguments.unroll_steps)
+    from tqdm import tqdm
+
+    with tqdm(desc="benchmarks", unit="task", file=sys.stderr) as bar:
+        def progress(what: str) -> None:
+            bar.set_postfix_str(what[:70])
+            bar.update(1)
+
+        results = run(contenders, settings, progress)
+    section = markdown(results)
+    print(section)
+    arguments.out.mkdir(parents=True, exist_ok=True)
+    write_json(results, arguments.out / "results.json")
+    write_plot(results, arguments.out / "results.png")
+    print(f"\nwrote {arguments.out / 'results.json'} and {arguments.out / 'results.png'}", file=sys.stderr)
+    if arguments.readme:
+        update_readme(arguments.readme, section)
+        print(f"updated {arguments.readme}", file=sys.stderr)
+    return results
+
+
+if __name__ == "__main__":
+    main()

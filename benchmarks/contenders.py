@@ -1,0 +1,135 @@
+"""Every AdamW a user might pick instead of ours, built the same way: ``build(params, workload)``.
+
+A contender that cannot be built (not installed, or lacking an option the workload needs) raises
+:class:`Unavailable` with the reason, which the report prints in its row.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib
+from typing import Any, Callable
+
+import torch
+
+from .workloads import Workload
+
+__all__ = ["CONTENDERS", "Built", "Contender", "Unavailable", "by_name"]
+
+LR = 1e-3
+WEIGHT_DECAY = 1e-2
+
+
+class Unavailable(Exception):
+    """This contender cannot run this workload here; the message says why."""
+
+
+@dataclasses.dataclass
+class Built:
+    optimizer: Any
+    step: Callable[[], Any]
+    supports_schedulers: bool = True
+
+
+@dataclasses.dataclass(frozen=True)
+class Contender:
+    name: str
+    build: Callable[[list[torch.Tensor], Workload], Built]
+    compiled: bool  # has a compile step worth timing (cold and warm)
+    note: str = ""
+
+
+def _import(module: str) -> Any:
+    try:
+        return importlib.import_module(module)
+    except Exception as error:  # an optional package: report, never crash the run
+        raise Unavailable(f"{module} is not installed ({type(error).__name__}: {error})") from None
+
+
+def _ours(compile: bool, fresh_grads: bool = False) -> Callable[[list[torch.Tensor], Workload], Built]:
+    def build(params: list[torch.Tensor], workload: Workload) -> Built:
+        compiled_adamw = _import("compiled_adamw")
+        optimizer = compiled_adamw.AdamW(params, lr=LR, weight_decay=WEIGHT_DECAY,
+                                         amsgrad=workload.amsgrad, compile=compile)
+        if not fresh_grads:
+            return Built(optimizer, optimizer.step)
+        grads = [p.grad.clone() for p in params]
+
+        def step() -> None:
+            # As after backward with zero_grad(set_to_none=True): grads are new tensors each step.
+            for p, g in zip(params, grads):
+                p.grad = g
+            optimizer.step()
+
+        return Built(optimizer, step)
+    return build
+
+
+def _torch(**options: Any) -> Callable[[list[torch.Tensor], Workload], Built]:
+    def build(params: list[torch.Tensor], workload: Workload) -> Built:
+        optimizer = torch.optim.AdamW(params, lr=LR, weight_decay=WEIGHT_DECAY, amsgrad=workload.amsgrad,
+                                      **options)
+        return Built(optimizer, optimizer.step)
+    return build
+
+
+def _torch_compiled(params: list[torch.Tensor], workload: Workload) -> Built:
+    """PyTorch's compiled-optimizer recipe: a tensor lr (no recompile when it changes), the step
+    under torch.compile, capturable on CUDA."""
+    optimizer = torch.optim.AdamW(params, lr=torch.tensor(LR), weight_decay=WEIGHT_DECAY,
+                                  amsgrad=workload.amsgrad, capturable=params[0].is_cuda)
+
+    @torch.compile(fullgraph=False)
+    def step() -> None:
+        optimizer.step()
+
+    return Built(optimizer, step)
+
+
+def _heavyball(params: list[torch.Tensor], workload: Workload) -> Built:
+    heavyball = _import("heavyball")
+    if workload.amsgrad:
+        raise Unavailable("heavyball.AdamW has no AMSGrad")
+    optimizer = heavyball.AdamW(params, lr=LR, betas=(0.9, 0.999), weight_decay=WEIGHT_DECAY)
+    return Built(optimizer, optimizer.step)
+
+
+def _torchao(params: list[torch.Tensor], workload: Workload) -> Built:
+    optim = _import("torchao.optim")
+    optimizer = optim._AdamW(params, lr=LR, weight_decay=WEIGHT_DECAY, amsgrad=workload.amsgrad)
+    return Built(optimizer, optimizer.step)
+
+
+def _torchopt(params: list[torch.Tensor], workload: Workload) -> Built:
+    torchopt = _import("torchopt")
+    if workload.amsgrad:
+        raise Unavailable("torchopt.AdamW has no AMSGrad")
+    optimizer = torchopt.AdamW(params, lr=LR, weight_decay=WEIGHT_DECAY)
+    return Built(optimizer, optimizer.step, supports_schedulers=False)
+
+
+CONTENDERS = [
+    Contender("ours", _ours(compile=True), compiled=True, note="compiled_adamw.AdamW, grads in place"),
+    Contender("ours-fresh-grads", _ours(compile=True, fresh_grads=True), compiled=True,
+              note="new grad tensors every step (zero_grad(set_to_none=True)): one copy more"),
+    Contender("ours-eager", _ours(compile=False), compiled=False, note="compile=False"),
+    Contender("torch-forloop", _torch(foreach=False), compiled=False),
+    Contender("torch-foreach", _torch(foreach=True), compiled=False),
+    Contender("torch-fused", _torch(fused=True), compiled=False, note="the baseline of every ratio"),
+    Contender("torch-compiled", _torch_compiled, compiled=True,
+              note="torch.compile(opt.step), tensor lr (PyTorch's compiled-optimizer recipe)"),
+    Contender("heavyball", _heavyball, compiled=True, note="heavyball.AdamW"),
+    Contender("torchao", _torchao, compiled=True, note="torchao.optim._AdamW (full precision)"),
+    Contender("torchopt", _torchopt, compiled=False, note="torchopt.AdamW"),
+]
+BASELINE = "torch-fused"
+
+
+def by_name(names: list[str] | None) -> list[Contender]:
+    if not names:
+        return list(CONTENDERS)
+    known = {c.name: c for c in CONTENDERS}
+    unknown = [n for n in names if n not in known]
+    if unknown:
+        raise SystemExit(f"unknown contenders {unknown}; known: {sorted(known)}")
+    return [known[n] for n in names]

@@ -1,0 +1,137 @@
+"""How each figure is measured: interleaved step times, the bandwidth roof, peak extra memory,
+recompiles over a scheduled run, and cold/warm compile time in a fresh process."""
+
+from __future__ import annotations
+
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from typing import Any, Callable
+
+import torch
+
+from .contenders import Built, Contender, Unavailable
+from .workloads import Workload
+
+__all__ = ["compile_seconds", "first_step_in_fresh_process", "peak_extra_bytes",
+           "recompiles_over_schedule", "roof_step", "summarize", "time_interleaved"]
+
+
+def _synchronize(device: str) -> None:
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def time_interleaved(steps: dict[str, Callable[[], Any]], *, device: str, repetitions: int,
+                     warmup: int, progress: Callable[[], None] = lambda: None) -> dict[str, list[float]]:
+    """Seconds per call of each step. The steps take turns (one call each per round), so that
+    the machine's noise falls on every contender alike and the ratios stay meaningful."""
+    for step in steps.values():
+        for _ in range(warmup):
+            step()
+    times: dict[str, list[float]] = {name: [] for name in steps}
+    for _ in range(repetitions):
+        for name, step in steps.items():
+            _synchronize(device)
+            start = time.perf_counter()
+            step()
+            _synchronize(device)
+            times[name].append(time.perf_counter() - start)
+        progress()
+    return times
+
+
+def summarize(seconds: list[float]) -> dict[str, float]:
+    return {"median_ms": 1e3 * statistics.median(seconds), "min_ms": 1e3 * min(seconds)}
+
+
+def roof_step(workload: Workload, device: str) -> Callable[[], None]:
+    """An in-place streaming kernel with the step's exact traffic: reads param, grad and the state
+    and writes param and the state, once each, in one compiled pass. (A triad with a separate
+    output would pay a hidden read of that output and understate the roof.)"""
+    n, dtype = workload.elements, workload.dtype
+    buffers = [torch.rand(n, device=device, dtype=dtype) for _ in range(5 if workload.amsgrad else 4)]
+
+    @torch.compile(fullgraph=True, dynamic=False)
+    def stream(param: torch.Tensor, grad: torch.Tensor, *state: torch.Tensor) -> None:
+        for s in state:
+            s.mul_(0.5).add_(grad)
+        param.add_(state[0])
+
+    return lambda: stream(*buffers)
+
+
+def peak_extra_bytes(step: Callable[[], Any], device: str) -> int:
+    """The most memory one call of ``step`` holds beyond what existed before it."""
+    if device == "cuda":
+        torch.cuda.synchronize()
+        before = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+        step()
+        torch.cuda.synchronize()
+        return torch.cuda.max_memory_allocated() - before
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], profile_memory=True) as profile:
+        step()
+    events = sorted((e for e in profile.profiler.kineto_results.events() if e.name() == "[memory]"),
+                    key=lambda e: e.start_ns())
+    current = peak = 0
+    for event in events:
+        current += event.nbytes()
+        peak = max(peak, current)
+    return peak
+
+
+def recompiles_over_schedule(built: Built, steps: int) -> int | str:
+    """Graphs Dynamo compiles during a OneCycleLR run of ``steps`` steps (after the first step,
+    already taken): 0 is the target."""
+    if not built.supports_schedulers:
+        return "n/a: no torch.optim.lr_scheduler support"
+    counters = torch._dynamo.utils.counters["stats"]
+    before = counters["unique_graphs"]
+    scheduler = torch.optim.lr_scheduler.OneCycleLR(built.optimizer, max_lr=1e-2, total_steps=steps)
+    for _ in range(steps - 1):
+        built.step()
+        scheduler.step()
+    return counters["unique_graphs"] - before
+
+
+def first_step_in_fresh_process(contender: Contender, workload: Workload, *, device: str,
+                                cache_dir: str, timeout: float) -> float | str:
+    """Seconds of the first step (compile included) in a new Python process whose Inductor cache
+    is ``cache_dir``; a string saying why when it fails or runs past ``timeout``."""
+    spec = json.dumps({"name": workload.name, "shapes": workload.shapes, "dtype": str(workload.dtype),
+                       "amsgrad": workload.amsgrad})
+    command = [sys.executable, "-m", "benchmarks.first_step", contender.name, spec, device]
+    environment = {**os.environ, "TORCHINDUCTOR_CACHE_DIR": cache_dir}
+    try:
+        done = subprocess.run(command, capture_output=True, text=True, timeout=timeout, env=environment)
+    except subprocess.TimeoutExpired:
+        return f"> {timeout:.0f} s (stopped)"
+    if done.returncode != 0:
+        lines = (done.stderr.strip() or done.stdout.strip() or "no output").splitlines()
+        return f"failed: {lines[-1][:200]}"
+    result = json.loads(done.stdout.strip().splitlines()[-1])
+    return result.get("seconds", result.get("unavailable"))
+
+
+def compile_seconds(contender: Contender, workload: Workload, *, device: str, cache_root: str,
+                    timeout: float) -> dict[str, float | str]:
+    """Cold (empty Inductor cache) and warm (the cache the cold run left) first-step seconds."""
+    cache_dir = os.path.join(cache_root, f"{contender.name}-{workload.name}")
+    cold = first_step_in_fresh_process(contender, workload, device=device, cache_dir=cache_dir, timeout=timeout)
+    if not isinstance(cold, float):
+        return {"cold_s": cold, "warm_s": "not measured: the cold run did not finish"}
+    warm = first_step_in_fresh_process(contender, workload, device=device, cache_dir=cache_dir, timeout=timeout)
+    return {"cold_s": cold, "warm_s": warm}
+
+
+def build_or_reason(contender: Contender, params: list[torch.Tensor], workload: Workload) -> Built | str:
+    try:
+        return contender.build(params, workload)
+    except Unavailable as reason:
+        return f"unavailable: {reason}"
+    except Exception as error:  # a contender's own failure is a row in the table, not a crash
+        return f"failed to build: {type(error).__name__}: {error}"
