@@ -14,8 +14,8 @@ import torch
 
 from . import differentiable
 from .contenders import BASELINE, Contender
-from .measure import (build_or_reason, compile_seconds, first_step_in_fresh_process, peak_extra_bytes,
-                      recompiles_over_schedule, roof_step, summarize, time_interleaved)
+from .measure import (build_or_reason, compile_seconds, peak_extra_bytes, recompiles_over_schedule,
+                      roof_step, summarize, time_interleaved)
 from .workloads import Workload, scaling_workloads, standard_workloads
 
 __all__ = ["Settings", "run"]
@@ -44,20 +44,25 @@ def machine() -> dict[str, Any]:
     return info
 
 
-def run(contenders: list[Contender], settings: Settings, progress: Callable[[str], None]) -> dict[str, Any]:
+def run(contenders: list[Contender], settings: Settings, progress: Callable[[str], None] = lambda _: None,
+        workloads: list[Workload] | None = None) -> dict[str, Any]:
+    """Every contender on every workload (default: :func:`standard_workloads`), then the scaling
+    sweep (if ``settings.scaling_counts``) and the differentiable step (if ``settings.unroll_steps``)."""
     results: dict[str, Any] = {"machine": machine(), "settings": dataclasses.asdict(settings),
-                               "baseline": BASELINE}
+                               "baseline": BASELINE, "scaling": [], "differentiable": None}
     with tempfile.TemporaryDirectory(prefix="adamw-bench-cache-") as cache_root:
         results["workloads"] = [
             _workload(workload, contenders, settings, cache_root, progress)
-            for workload in standard_workloads(settings.scale)]
-        scaling = [c for c in contenders if c.name in settings.scaling_contenders]
-        total = max(settings.scaling_counts[-1], int(settings.scaling_total * settings.scale))
-        results["scaling"] = [_workload(workload, scaling, settings, cache_root, progress, scaling=True)
-                              for workload in scaling_workloads(total, settings.scaling_counts)]
-    progress("differentiable")
-    results["differentiable"] = differentiable.run(settings.unroll_steps, scale=settings.scale,
-                                                   repetitions=max(3, settings.repetitions // 2))
+            for workload in (workloads if workloads is not None else standard_workloads(settings.scale))]
+        if settings.scaling_counts:
+            scaling = [c for c in contenders if c.name in settings.scaling_contenders]
+            total = max(settings.scaling_counts[-1], int(settings.scaling_total * settings.scale))
+            results["scaling"] = [_workload(workload, scaling, settings, cache_root, progress, scaling=True)
+                                  for workload in scaling_workloads(total, settings.scaling_counts)]
+    if settings.unroll_steps:
+        progress("differentiable")
+        results["differentiable"] = differentiable.run(settings.unroll_steps, scale=settings.scale,
+                                                       repetitions=max(3, settings.repetitions // 2))
     return results
 
 
@@ -67,15 +72,10 @@ def _workload(workload: Workload, contenders: list[Contender], settings: Setting
     rows: dict[str, dict[str, Any]] = {}
     for contender in contenders:
         row = rows[contender.name] = {"name": contender.name, "note": contender.note}
-        if settings.compile_times:
+        if settings.compile_times and contender.compiled:
             progress(f"{workload.name}: {contender.name} first step in fresh processes")
-            if contender.compiled:
-                row.update(compile_seconds(contender, workload, device=device, cache_root=cache_root,
-                                           timeout=settings.compile_timeout))
-            else:
-                row["cold_s"] = first_step_in_fresh_process(
-                    contender, workload, device=device, cache_dir=os.path.join(cache_root, "eager"),
-                    timeout=settings.compile_timeout)
+            row.update(compile_seconds(contender, workload, device=device, cache_root=cache_root,
+                                       timeout=settings.compile_timeout))
     # A contender whose compile ran past the timeout is not stepped in this process either.
     steps: dict[str, Callable[[], Any]] = {}
     built: dict[str, Any] = {}
@@ -125,8 +125,9 @@ def _ratios_to_baseline(rows: dict[str, dict[str, Any]]) -> None:
     baseline = rows.get(BASELINE, {})
     for row in rows.values():
         ratios = {}
-        for key in ("median_ms", "min_ms", "cold_s", "warm_s", "peak_extra_bytes"):
-            mine, theirs = row.get(key), baseline.get(key, baseline.get("cold_s") if key == "warm_s" else None)
+        # The baseline compiles nothing: compile times have no ratio.
+        for key in ("median_ms", "min_ms", "peak_extra_bytes"):
+            mine, theirs = row.get(key), baseline.get(key)
             numbers = isinstance(mine, (int, float)) and isinstance(theirs, (int, float))
             ratios[key] = mine / theirs if numbers and theirs else None
         row["vs_" + BASELINE] = ratios

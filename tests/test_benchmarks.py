@@ -1,0 +1,94 @@
+"""The benchmark harness itself, on tiny sizes: it completes for every contender and workload,
+writes every field, the JSON and the plot, and reports a contender it cannot run."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from benchmarks.contenders import BASELINE, CONTENDERS, Contender, _import, by_name
+from benchmarks.measure import first_step_in_fresh_process
+from benchmarks.report import README_BEGIN, README_END, markdown, update_readme, write_json, write_plot
+from benchmarks.run import Settings, run
+from benchmarks.workloads import Workload, standard_workloads
+
+TINY = Settings(scale=1e-4, repetitions=2, warmup=1, schedule_steps=3, compile_times=False,
+                scaling_counts=(2, 4), scaling_total=64, unroll_steps=2)
+ROW_FIELDS = {"name", "status", "median_ms", "min_ms", "bandwidth_GBps", "roof_fraction", "peak_extra_bytes",
+              "recompiles", f"vs_{BASELINE}"}
+
+
+def _missing(params, workload):
+    _import("a_package_that_is_not_installed")
+
+
+@pytest.fixture(scope="module")
+def every_contender_results():
+    workload = Workload("tiny-fp32", ((4, 3), (5,), (16,)))
+    missing = Contender("missing", _missing, compiled=False)
+    return run([*CONTENDERS, missing], TINY, workloads=[workload])
+
+
+def test_every_contender_runs_or_says_why(every_contender_results):
+    (workload,) = every_contender_results["workloads"]
+    rows = {row["name"]: row for row in workload["contenders"]}
+    assert set(rows) == {c.name for c in CONTENDERS} | {"missing"}
+    assert rows["missing"]["status"].startswith("unavailable: a_package_that_is_not_installed is not installed")
+    for name in ("ours", "ours-fresh-grads", "ours-eager", "torch-forloop", "torch-foreach", BASELINE,
+                 "torch-compiled"):
+        assert rows[name]["status"] == "ok", rows[name]
+    for row in rows.values():
+        if row["status"] == "ok":
+            assert ROW_FIELDS <= set(row), (row["name"], ROW_FIELDS - set(row))
+            assert row["median_ms"] > 0 and 0 < row["roof_fraction"]
+    assert rows["ours"]["recompiles"] == 0
+    assert rows[BASELINE][f"vs_{BASELINE}"]["median_ms"] == 1.0
+    assert {"median_ms", "bandwidth_GBps"} <= set(workload["roof"])
+
+
+def test_scaling_and_differentiable_sections(every_contender_results):
+    assert [w["tensors"] for w in every_contender_results["scaling"]] == [2, 4]
+    differentiable = every_contender_results["differentiable"]
+    rows = {row["name"]: row for row in differentiable["contenders"]}
+    for name in ("ours-compiled", "ours-eager", "ours-functional", "torch-differentiable"):
+        assert rows[name]["status"] == "ok", rows[name]
+        assert rows[name]["ms_per_inner_step"] > 0 and rows[name]["saved_bytes_per_inner_step"] > 0
+    # The same unroll by every implementation: the same validation loss.
+    losses = [row["validation_loss"] for row in rows.values() if row["status"] == "ok"]
+    assert max(losses) - min(losses) < 1e-4 * max(1.0, abs(losses[0]))
+
+
+def test_every_standard_workload_runs():
+    results = run(by_name(["ours", BASELINE]), Settings(**{**TINY.__dict__, "scaling_counts": (), "unroll_steps": 0}),
+                  workloads=standard_workloads(TINY.scale))
+    names = [w["name"] for w in results["workloads"]]
+    assert len(names) == 7 and "large-fp32-amsgrad" in names and any("bf16" in n for n in names)
+    for workload in results["workloads"]:
+        for row in workload["contenders"]:
+            assert row["status"] == "ok", (workload["name"], row)
+
+
+def test_outputs_json_plot_and_readme(every_contender_results, tmp_path):
+    write_json(every_contender_results, tmp_path / "results.json")
+    loaded = json.loads((tmp_path / "results.json").read_text())
+    assert set(loaded) == {"machine", "settings", "baseline", "workloads", "scaling", "differentiable"}
+    write_plot(every_contender_results, tmp_path / "results.png")
+    assert (tmp_path / "results.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    section = markdown(every_contender_results)
+    assert "tiny-fp32" in section and "unavailable" in section
+    readme = tmp_path / "README.md"
+    readme.write_text(f"intro\n{README_BEGIN}\nold numbers\n{README_END}\nrest\n")
+    update_readme(readme, section)
+    text = readme.read_text()
+    assert "old numbers" not in text and "tiny-fp32" in text and text.startswith("intro") and text.endswith("rest\n")
+
+
+def test_first_step_in_a_fresh_process(tmp_path):
+    """The cold/warm compile measurement: a new process with its own Inductor cache."""
+    workload = Workload("tiny", ((8,), (3,)), torch.float32)
+    (ours,) = by_name(["ours"])
+    seconds = first_step_in_fresh_process(ours, workload, device="cpu", cache_dir=str(tmp_path), timeout=300)
+    assert isinstance(seconds, float) and seconds > 0, seconds
+    assert any(tmp_path.iterdir()), "the compile left nothing in the given cache"
