@@ -11,6 +11,7 @@ Examples::
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from pathlib import Path
 
@@ -39,6 +40,7 @@ def _arguments(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--quick", action="store_true", help="--scale 0.1 --no-compile-times --repetitions 5")
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results"), help="folder for JSON and PNG")
     parser.add_argument("--readme", type=Path, help="rewrite this README's performance section")
+    parser.add_argument("--from-json", type=Path, help="measure nothing: report the results in this JSON")
     arguments = parser.parse_args(argv)
     if arguments.quick:
         arguments.scale, arguments.no_compile_times, arguments.repetitions = 0.1, True, 5
@@ -55,14 +57,17 @@ def main(argv: list[str] | None = None) -> dict:
                         compile_times=not arguments.no_compile_times,
                         compile_timeout=arguments.compile_timeout,
                         scaling_counts=tuple(arguments.scaling_counts), unroll_steps=arguments.unroll_steps)
-    from tqdm import tqdm
+    if arguments.from_json:
+        results = json.loads(arguments.from_json.read_text())
+    else:
+        from tqdm import tqdm
 
-    with tqdm(desc="benchmarks", unit="task", file=sys.stderr) as bar:
-        def progress(what: str) -> None:
-            bar.set_postfix_str(what[:70])
-            bar.update(1)
+        with tqdm(desc="benchmarks", unit="task", file=sys.stderr) as bar:
+            def progress(what: str) -> None:
+                bar.set_postfix_str(what[:70])
+                bar.update(1)
 
-        results = run(contenders, settings, progress)
+            results = run(contenders, settings, progress)
     section = markdown(results)
     print(section)
     arguments.out.mkdir(parents=True, exist_ok=True)

@@ -11,6 +11,7 @@ import sys
 import time
 import types
 import warnings
+from pathlib import Path
 from typing import Any, Callable
 
 import torch
@@ -115,7 +116,8 @@ def first_step_in_fresh_process(contender: Contender, workload: Workload, *, dev
     command = [sys.executable, "-m", "benchmarks.first_step", contender.name, spec, device]
     environment = {**os.environ, "TORCHINDUCTOR_CACHE_DIR": cache_dir}
     try:
-        done = subprocess.run(command, capture_output=True, text=True, timeout=timeout, env=environment)
+        done = subprocess.run(command, capture_output=True, text=True, timeout=timeout, env=environment,
+                              cwd=Path(__file__).resolve().parent.parent)
     except subprocess.TimeoutExpired:
         return f"> {timeout:.0f} s (stopped)"
     if done.returncode != 0:

@@ -141,27 +141,49 @@ def step_flat_as(
     amsgrad: bool,
     maximize: bool,
     kernel: Callable[..., tuple] = step_flat,
+    param_is_overwritten: bool = False,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor | None]:
     """:func:`step_flat` (or ``kernel``, a compiled copy of it) for tensors of any shape and of real
-    or complex dtype; results have ``param``'s shape and dtype."""
+    or complex dtype; results have ``param``'s shape and dtype.
+
+    ``param_is_overwritten``: the caller will write the result into ``param`` in place, so the
+    step keeps its own copy of the old value (its backward may need it).
+    """
     if param.numel() == 0:
         return param, exp_avg, exp_avg_sq, max_exp_avg_sq
-    flat = [None if x is None else real_flat(x) for x in (param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq)]
-    new = kernel(*flat, step, hyperparameters, amsgrad=amsgrad, maximize=maximize)
+    flat_param = _private_flat(param) if param_is_overwritten else real_flat(param)
+    flat = [None if x is None else real_flat(x) for x in (grad, exp_avg, exp_avg_sq, max_exp_avg_sq)]
+    new = kernel(flat_param, *flat, step, hyperparameters, amsgrad=amsgrad, maximize=maximize)
     return tuple(None if x is None else restore(x, param) for x in new)
 
 
 def real_flat(tensor: Tensor) -> Tensor:
-    """``tensor`` as a 1-D real tensor (complex numbers as pairs, as torch steps them).
+    """``tensor`` as a 1-D real tensor that is not a view (complex numbers as pairs, as torch
+    steps them).
 
     Note [flat inputs are not views]: Dynamo guards on an input view's base (its rank and sizes),
     so views of params of different ranks would each compile the step again, soon past the
-    recompile limit. ``aten._unsafe_view`` reshapes without recording a view: same memory, full
-    autograd support, no base. Nothing mutates these tensors in place (the differentiable
-    optimizer steps a clone of each param), which is what makes sharing memory safe.
+    recompile limit. The result is therefore one of: the 1-D tensor itself; the 1-D base that
+    ``tensor`` is a full view of (:func:`restore` returns such views, so state and params coming
+    back from a step cost nothing); or else a contiguous copy. The first two share ``tensor``'s
+    memory and version counter, so an in-place change to ``tensor`` after the step makes a
+    backward through the step fail loudly, as autograd does everywhere; a copy keeps the values
+    the step used.
     """
     real = torch.view_as_real(tensor) if tensor.is_complex() else tensor
-    return torch.ops.aten._unsafe_view(real.contiguous(), [-1])
+    base = real._base
+    if base is None:
+        return real if real.dim() == 1 else _private_flat(real)
+    if (base.dim() == 1 and base.dtype == real.dtype and base.numel() == real.numel()
+            and base.storage_offset() == real.storage_offset() and real.is_contiguous()):
+        return base
+    return _private_flat(real)
+
+
+def _private_flat(tensor: Tensor) -> Tensor:
+    """A 1-D real copy of ``tensor`` that nothing else references."""
+    real = torch.view_as_real(tensor) if tensor.is_complex() else tensor
+    return real.reshape(-1).clone(memory_format=torch.contiguous_format)
 
 
 def restore(flat: Tensor, like: Tensor) -> Tensor:

@@ -179,6 +179,7 @@ class AdamW(torch.optim.Optimizer):
         entries are replaced by the new tensors."""
         amsgrad, maximize = bool(group["amsgrad"]), bool(group["maximize"])
         compiled = self.compile and not tracing
+        hyperparameters: dict[torch.device, Tensor] = {}
         for p in group["params"]:
             if p.grad is None:
                 continue
@@ -192,12 +193,13 @@ class AdamW(torch.optim.Optimizer):
             # A new tensor, not add_: the compiled step may have saved the old one for backward.
             state["step"] = state["step"].detach() + 1
             real_dtype = p.dtype.to_real() if p.is_complex() else p.dtype
-            # The step saves its inputs for backward; the clone keeps the saved value of p intact
-            # when p.copy_ below bumps p's version.
+            if p.device not in hyperparameters:
+                hyperparameters[p.device] = scalars.packed(p.device)
             new_param, *new_state = step_flat_as(
-                p.clone(), p.grad, state["exp_avg"], state["exp_avg_sq"],
+                p, p.grad, state["exp_avg"], state["exp_avg_sq"],
                 state.get("max_exp_avg_sq") if amsgrad else None, state["step"],
-                scalars.packed(p.device), amsgrad=amsgrad, maximize=maximize,
+                hyperparameters[p.device], amsgrad=amsgrad,
+                maximize=maximize, param_is_overwritten=True,
                 kernel=differentiable_kernel(p.device.type, real_dtype, amsgrad, maximize, compiled))
             p.copy_(new_param)
             for key, value in zip(STATE_KEYS, new_state):
