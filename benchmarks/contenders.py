@@ -108,6 +108,36 @@ def _torchopt(params: list[torch.Tensor], workload: Workload) -> Built:
     return Built(optimizer, optimizer.step, supports_schedulers=False)
 
 
+def _graph_replayed(build: Callable[[list[torch.Tensor], Workload], Built]) -> Callable[..., Built]:
+    """``build``'s step captured alone in a CUDA graph (PyTorch's recipe: warm-up on a side
+    stream, then capture); the timed step is one replay."""
+    def graphed(params: list[torch.Tensor], workload: Workload) -> Built:
+        if not params[0].is_cuda:
+            raise Unavailable("graph replay needs CUDA")
+        built = build(params, workload)
+        if hasattr(built.optimizer, "sync_hyperparameters"):
+            from compiled_adamw.capture import check_capturable
+            check_capturable(built.optimizer)
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            for _ in range(3):
+                built.step()
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            built.step()
+        return Built(built.optimizer, graph.replay, supports_schedulers=False)
+    return graphed
+
+
+def _torch_capturable(params: list[torch.Tensor], workload: Workload) -> Built:
+    optimizer = torch.optim.AdamW(params, lr=torch.tensor(LR, device=params[0].device),
+                                  weight_decay=WEIGHT_DECAY, amsgrad=workload.amsgrad, capturable=True,
+                                  foreach=True)
+    return Built(optimizer, optimizer.step)
+
+
 CONTENDERS = [
     Contender("ours", _ours(compile=True), compiled=True, note="compiled_adamw.AdamW, grads in place"),
     Contender("ours-fresh-grads", _ours(compile=True, fresh_grads=True), compiled=False,
@@ -122,6 +152,10 @@ CONTENDERS = [
     Contender("heavyball", _heavyball, compiled=True, note="heavyball.AdamW"),
     Contender("torchao", _torchao, compiled=True, note="torchao.optim._AdamW (full precision)"),
     Contender("torchopt", _torchopt, compiled=False, note="torchopt.AdamW"),
+    Contender("ours-graph-replay", _graph_replayed(_ours(compile=True)), compiled=False,
+              note="CUDA only: our step captured in a CUDA graph, one replay"),
+    Contender("torch-capturable-graph-replay", _graph_replayed(_torch_capturable), compiled=False,
+              note="CUDA only: torch.optim.AdamW(capturable=True, foreach=True) captured, one replay"),
 ]
 BASELINE = "torch-fused"
 

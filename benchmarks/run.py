@@ -53,7 +53,8 @@ def run(contenders: list[Contender], settings: Settings, progress: Callable[[str
     with tempfile.TemporaryDirectory(prefix="adamw-bench-cache-") as cache_root:
         results["workloads"] = [
             _workload(workload, contenders, settings, cache_root, progress)
-            for workload in (workloads if workloads is not None else standard_workloads(settings.scale))]
+            for workload in (workloads if workloads is not None else standard_workloads(
+                settings.scale, full_gpt2=settings.device == "cuda" and settings.scale >= 1))]
         if settings.scaling_counts:
             scaling = [c for c in contenders if c.name in settings.scaling_contenders]
             total = max(settings.scaling_counts[-1], int(settings.scaling_total * settings.scale))

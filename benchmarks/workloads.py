@@ -54,13 +54,18 @@ def gpt2_shapes(vocab: int, width: int, layers: int, context: int = 1024) -> tup
     return tuple(shapes + [(width,), (width,)])
 
 
-def standard_workloads(scale: float = 1.0) -> list[Workload]:
+def standard_workloads(scale: float = 1.0, *, full_gpt2: bool = False) -> list[Workload]:
     """One large tensor, a GPT-2-shaped list and 1,000 small tensors, in fp32 and bf16, plus AMSGrad
-    on the large one. ``scale`` shrinks every size (tests use a tiny one)."""
+    on the large one. ``scale`` shrinks every size (tests use a tiny one). The GPT-2 list is
+    GPT-2 small's 148 tensors with narrower layers (14M elements) unless ``full_gpt2`` (124M, for
+    a GPU)."""
     large = (max(16, int(16 * 2**20 * scale)),)
-    width = max(8, int(256 * scale**0.5) // 8 * 8)
-    gpt2 = gpt2_shapes(vocab=max(16, int(16384 * scale**0.5)), width=width, layers=12,
-                       context=max(8, int(1024 * scale**0.5)))
+    if full_gpt2:
+        gpt2 = gpt2_shapes(vocab=50257, width=768, layers=12)
+    else:
+        width = max(8, int(256 * scale**0.5) // 8 * 8)
+        gpt2 = gpt2_shapes(vocab=max(16, int(16384 * scale**0.5)), width=width, layers=12,
+                           context=max(8, int(1024 * scale**0.5)))
     small = tuple((max(16, int(1024 * scale)),) for _ in range(1000 if scale >= 0.01 else 20))
     small_name = f"{len(small)}x{small[0][0]}"
     workloads = []

@@ -28,7 +28,8 @@ from torch import Tensor
 from .hyperparameters import check_value
 from .update import adamw_coefficients, adamw_elementwise, compute_dtype
 
-__all__ = ["AdamWState", "init", "real_flat", "restore", "step_flat", "update"]
+__all__ = ["AdamWState", "group_key", "hyperparameter_vector", "init", "restore", "step_flat",
+           "step_together", "update"]
 
 
 class AdamWState(NamedTuple):
@@ -85,9 +86,17 @@ def update(
     hyperparameters = hyperparameter_vector(
         dict(lr=lr, beta1=betas[0], beta2=betas[1], eps=eps, weight_decay=weight_decay,
              eps_root=eps_root), device=state.step.device)
-    new = [step_flat_as(p, g, m, v, v_max, step, hyperparameters, amsgrad=amsgrad, maximize=maximize)
-           for p, g, m, v, v_max in zip(leaves, grad_leaves, exp_avgs, exp_avg_sqs, max_exp_avg_sqs)]
-    new_params, new_exp_avgs, new_exp_avg_sqs, new_maxes = [list(column) for column in zip(*new)] or [[]] * 4
+    new_params, new_exp_avgs, new_exp_avg_sqs, new_maxes = ([None] * len(leaves) for _ in range(4))
+    together: dict[tuple, list[int]] = {}
+    for index, leaf in enumerate(leaves):
+        together.setdefault(group_key(leaf), []).append(index)
+    for indices in together.values():
+        results = step_together(*(_pick(column, indices) for column in (leaves, grad_leaves, exp_avgs, exp_avg_sqs)),
+                                _pick(max_exp_avg_sqs, indices) if amsgrad else None, step, hyperparameters,
+                                amsgrad=amsgrad, maximize=maximize)
+        for column, values in zip((new_params, new_exp_avgs, new_exp_avg_sqs, new_maxes), results):
+            for i, value in zip(indices, values or [None] * len(indices)):
+                column[i] = value
     return pytree.tree_unflatten(new_params, spec), AdamWState(
         step=step, exp_avg=pytree.tree_unflatten(new_exp_avgs, spec),
         exp_avg_sq=pytree.tree_unflatten(new_exp_avg_sqs, spec),
@@ -119,8 +128,8 @@ def step_flat(
     """One out-of-place step of 1-D real tensors, results in ``param``'s dtype.
 
     ``step`` is the count of this step (the first is 1); ``hyperparameters`` is
-    :func:`hyperparameter_vector`'s layout. The differentiable optimizer compiles this function;
-    its inputs are always 1-D so that one compiled graph serves params of every rank.
+    :func:`hyperparameter_vector`'s layout. The differentiable optimizer compiles this function
+    and calls it through :func:`step_together`.
     """
     dtype = param.dtype
     coefficients = adamw_coefficients(step, *hyperparameters.unbind(), dtype=compute_dtype(dtype))
@@ -129,68 +138,56 @@ def step_flat(
     return tuple(None if x is None else x.to(dtype) for x in new)
 
 
-def step_flat_as(
-    param: Tensor,
-    grad: Tensor,
-    exp_avg: Tensor,
-    exp_avg_sq: Tensor,
-    max_exp_avg_sq: Tensor | None,
+def step_together(
+    params: list[Tensor],
+    grads: list[Tensor],
+    exp_avgs: list[Tensor],
+    exp_avg_sqs: list[Tensor],
+    max_exp_avg_sqs: list[Tensor] | None,
     step: Tensor,
     hyperparameters: Tensor,
     *,
     amsgrad: bool,
     maximize: bool,
     kernel: Callable[..., tuple] = step_flat,
-    param_is_overwritten: bool = False,
-) -> tuple[Tensor, Tensor, Tensor, Tensor | None]:
-    """:func:`step_flat` (or ``kernel``, a compiled copy of it) for tensors of any shape and of real
-    or complex dtype; results have ``param``'s shape and dtype.
+) -> tuple[list[Tensor], list[Tensor], list[Tensor], list[Tensor] | None]:
+    """One step of ``params`` that share a step count, a real dtype and complex-ness, as a single
+    call of :func:`step_flat` (or ``kernel``, a compiled copy of it) over their concatenation.
 
-    ``param_is_overwritten``: the caller will write the result into ``param`` in place, so the
-    step keeps its own copy of the old value (its backward may need it).
+    Returns lists of new params and state, shaped and typed like ``params``, without mutating
+    anything. Note [concatenated inputs]: the concatenation is a copy, which is what makes one
+    compiled graph serve any number and shapes of params (its length is symbolic and it is never
+    a view, on whose base Dynamo would guard), and what keeps the values the step used for its
+    backward even if a caller later changes an input in place.
     """
-    if param.numel() == 0:
-        return param, exp_avg, exp_avg_sq, max_exp_avg_sq
-    flat_param = _private_flat(param) if param_is_overwritten else real_flat(param)
-    flat = [None if x is None else real_flat(x) for x in (grad, exp_avg, exp_avg_sq, max_exp_avg_sq)]
-    new = kernel(flat_param, *flat, step, hyperparameters, amsgrad=amsgrad, maximize=maximize)
-    return tuple(None if x is None else restore(x, param) for x in new)
+    sizes = [_real(p).numel() for p in params]
+    columns = (params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs if amsgrad else None)
+    if sum(sizes) == 0:
+        return tuple(None if column is None else list(column) for column in columns[:1] + columns[2:])
+    flat = [None if column is None else torch.cat([_real(x).reshape(-1) for x in column]) for column in columns]
+    new = kernel(*flat, step, hyperparameters, amsgrad=amsgrad, maximize=maximize)
+    return tuple(None if x is None else [restore(piece, like) for piece, like in zip(x.split(sizes), params)]
+                 for x in new)
 
 
-def real_flat(tensor: Tensor) -> Tensor:
-    """``tensor`` as a 1-D real tensor that is not a view (complex numbers as pairs, as torch
-    steps them).
-
-    Note [flat inputs are not views]: Dynamo guards on an input view's base (its rank and sizes),
-    so views of params of different ranks would each compile the step again, soon past the
-    recompile limit. The result is therefore one of: the 1-D tensor itself; the 1-D base that
-    ``tensor`` is a full view of (:func:`restore` returns such views, so state and params coming
-    back from a step cost nothing); or else a contiguous copy. The first two share ``tensor``'s
-    memory and version counter, so an in-place change to ``tensor`` after the step makes a
-    backward through the step fail loudly, as autograd does everywhere; a copy keeps the values
-    the step used.
-    """
-    real = torch.view_as_real(tensor) if tensor.is_complex() else tensor
-    base = real._base
-    if base is None:
-        return real if real.dim() == 1 else _private_flat(real)
-    if (base.dim() == 1 and base.dtype == real.dtype and base.numel() == real.numel()
-            and base.storage_offset() == real.storage_offset() and real.is_contiguous()):
-        return base
-    return _private_flat(real)
+def _real(tensor: Tensor) -> Tensor:
+    return torch.view_as_real(tensor) if tensor.is_complex() else tensor
 
 
-def _private_flat(tensor: Tensor) -> Tensor:
-    """A 1-D real copy of ``tensor`` that nothing else references."""
-    real = torch.view_as_real(tensor) if tensor.is_complex() else tensor
-    return real.reshape(-1).clone(memory_format=torch.contiguous_format)
+def group_key(tensor: Tensor) -> tuple[torch.dtype, bool, torch.device]:
+    """Tensors that :func:`step_together` may take in one call share this key."""
+    return _real(tensor).dtype, tensor.is_complex(), tensor.device
 
 
 def restore(flat: Tensor, like: Tensor) -> Tensor:
-    """Undo :func:`real_flat`: ``flat`` with the shape and dtype kind of ``like``."""
+    """A 1-D real ``flat`` as a view with the shape and dtype kind of ``like``."""
     if like.is_complex():
         return torch.view_as_complex(flat.view(*like.shape, 2))
     return flat.view(like.shape)
+
+
+def _pick(column: list[Any], indices: list[int]) -> list[Any]:
+    return [column[i] for i in indices]
 
 
 def _leaves_like(tree: Any, spec: pytree.TreeSpec, what: str) -> list[Any]:

@@ -13,7 +13,7 @@ import torch
 from torch import Tensor
 
 from .flat_bucket import STATE_KEYS, FlatBucket, group_into_buckets
-from .functional import step_flat_as
+from .functional import group_key, step_together
 from .hyperparameters import OPTIONAL_DEFAULTS, SCALAR_NAMES, GroupScalars, check_value, group_value
 from .kernels import coefficients_kernel, differentiable_kernel, update_kernel
 from .update import compute_dtype
@@ -79,6 +79,8 @@ class AdamW(torch.optim.Optimizer):
         self._buckets: list[list[FlatBucket]] = []
         super().__init__(params, defaults)
         self.register_state_dict_post_hook(_hyperparameters_as_floats, prepend=True)
+        if self.differentiable:
+            self.register_state_dict_post_hook(_unshared_steps)
 
     # ---- groups -------------------------------------------------------------------------------
 
@@ -174,37 +176,47 @@ class AdamW(torch.optim.Optimizer):
         )
 
     def _step_differentiable(self, group: dict[str, Any], scalars: GroupScalars, tracing: bool) -> None:
-        """Each param's new values from :func:`~compiled_adamw.functional.step_flat_as`; the param
-        is written in place (``copy_`` keeps its identity and records the history), the state
-        entries are replaced by the new tensors."""
+        """Note [differentiable runs]: params whose state shares one step tensor (they have always
+        been stepped together, which the host knows without reading a value) and a dtype are
+        stepped by one call of :func:`~compiled_adamw.functional.step_together`. Params are
+        written in place (``copy_`` keeps their identity and records the history); state entries
+        are replaced by the new tensors, and the members of a run get one new step tensor."""
         amsgrad, maximize = bool(group["amsgrad"]), bool(group["maximize"])
         compiled = self.compile and not tracing
-        hyperparameters: dict[torch.device, Tensor] = {}
+        runs: dict[tuple, list[Tensor]] = {}
+        fresh_steps: dict[torch.device, Tensor] = {}
         for p in group["params"]:
             if p.grad is None:
                 continue
             state = self.state[p]
             if not state:
-                state["step"] = torch.zeros((), dtype=torch.float32, device=p.device)
+                if p.device not in fresh_steps:
+                    fresh_steps[p.device] = torch.zeros((), dtype=torch.float32, device=p.device)
+                state["step"] = fresh_steps[p.device]
                 state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
                 state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
             if amsgrad and "max_exp_avg_sq" not in state:
                 state["max_exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-            # A new tensor, not add_: the compiled step may have saved the old one for backward.
-            state["step"] = state["step"].detach() + 1
-            real_dtype = p.dtype.to_real() if p.is_complex() else p.dtype
-            if p.device not in hyperparameters:
-                hyperparameters[p.device] = scalars.packed(p.device)
-            new_param, *new_state = step_flat_as(
-                p, p.grad, state["exp_avg"], state["exp_avg_sq"],
-                state.get("max_exp_avg_sq") if amsgrad else None, state["step"],
-                hyperparameters[p.device], amsgrad=amsgrad,
-                maximize=maximize, param_is_overwritten=True,
-                kernel=differentiable_kernel(p.device.type, real_dtype, amsgrad, maximize, compiled))
-            p.copy_(new_param)
-            for key, value in zip(STATE_KEYS, new_state):
-                if value is not None:
-                    state[key] = value
+            runs.setdefault((id(state["step"]), *group_key(p)), []).append(p)
+        hyperparameters: dict[torch.device, Tensor] = {}
+        for (_, real_dtype, _, device), members in runs.items():
+            if device not in hyperparameters:
+                hyperparameters[device] = scalars.packed(device)
+            states = [self.state[p] for p in members]
+            # A new tensor, not add_: the step may have saved the old one for backward.
+            step = states[0]["step"].detach() + 1
+            new = step_together(
+                members, [p.grad for p in members], *([s[key] for s in states] for key in STATE_KEYS[:2]),
+                [s["max_exp_avg_sq"] for s in states] if amsgrad else None, step, hyperparameters[device],
+                amsgrad=amsgrad, maximize=maximize,
+                kernel=differentiable_kernel(device.type, real_dtype, amsgrad, maximize, compiled))
+            for p, state, new_param, *new_state in zip(members, states, *(column or [None] * len(members)
+                                                                           for column in new)):
+                p.copy_(new_param)
+                state["step"] = step
+                for key, value in zip(STATE_KEYS, new_state):
+                    if value is not None:
+                        state[key] = value
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         """As torch's; with ``set_to_none=False`` a bucket whose grads are in place is one fill."""
@@ -231,6 +243,8 @@ class AdamW(torch.optim.Optimizer):
                 for bucket in self._buckets[index]:
                     bucket.set_amsgrad(bool(group["amsgrad"]))
                     bucket.load_state(loaded, self.state)
+            if self.differentiable:
+                _share_equal_steps(self)
 
 
 def _param_name(group: int, position: int) -> str:
@@ -265,6 +279,23 @@ def _hyperparameters_as_floats(optimizer: AdamW, state_dict: dict[str, Any]) -> 
         values = scalars.floats()
         group.update(lr=values["lr"], betas=(values["beta1"], values["beta2"]), eps=values["eps"],
                      weight_decay=values["weight_decay"], eps_root=values["eps_root"])
+
+
+def _unshared_steps(optimizer: AdamW, state_dict: dict[str, Any]) -> None:
+    """Each param gets its own step tensor in a checkpoint (Note [differentiable runs] shares
+    them): torch.optim.AdamW increments its step tensors in place."""
+    for values in state_dict["state"].values():
+        values["step"] = values["step"].clone()
+
+
+def _share_equal_steps(optimizer: AdamW) -> None:
+    """Loaded params with equal step counts share one step tensor on their device again, so they
+    are stepped together (Note [differentiable runs]). Reads each count on the host, once."""
+    shared: dict[tuple, Tensor] = {}
+    for p, state in optimizer.state.items():
+        if "step" in state:
+            step = torch.as_tensor(state["step"], dtype=torch.float32, device=p.device)
+            state["step"] = shared.setdefault((float(step), p.device), step)
 
 
 def _validate_checkpoint(optimizer: AdamW, state_dict: dict[str, Any]) -> None:
