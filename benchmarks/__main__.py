@@ -37,6 +37,10 @@ def _arguments(argv: list[str] | None) -> argparse.Namespace:
                         help="skip the cold/warm first-step measurements in fresh processes")
     parser.add_argument("--scaling-counts", type=int, nargs="+", default=[10, 100, 1000, 10000])
     parser.add_argument("--unroll-steps", type=int, default=10)
+    parser.add_argument("--sections", nargs="+", default=["workloads", "scaling", "differentiable"],
+                        choices=["workloads", "scaling", "differentiable"])
+    parser.add_argument("--merge-into", type=Path,
+                        help="a results JSON whose sections the measured ones replace (the rest is kept)")
     parser.add_argument("--quick", action="store_true", help="--scale 0.1 --no-compile-times --repetitions 5")
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results"), help="folder for JSON and PNG")
     parser.add_argument("--readme", type=Path, help="rewrite this README's performance section")
@@ -56,7 +60,8 @@ def main(argv: list[str] | None = None) -> dict:
                         warmup=arguments.warmup, schedule_steps=arguments.schedule_steps,
                         compile_times=not arguments.no_compile_times,
                         compile_timeout=arguments.compile_timeout,
-                        scaling_counts=tuple(arguments.scaling_counts), unroll_steps=arguments.unroll_steps)
+                        scaling_counts=tuple(arguments.scaling_counts), unroll_steps=arguments.unroll_steps,
+                        sections=tuple(arguments.sections))
     if arguments.from_json:
         results = json.loads(arguments.from_json.read_text())
     else:
@@ -68,6 +73,10 @@ def main(argv: list[str] | None = None) -> dict:
                 bar.update(1)
 
             results = run(contenders, settings, progress)
+        if arguments.merge_into:
+            merged = json.loads(arguments.merge_into.read_text())
+            merged.update({key: results[key] for key in arguments.sections})
+            results = merged
     section = markdown(results)
     print(section)
     arguments.out.mkdir(parents=True, exist_ok=True)

@@ -34,6 +34,7 @@ class Settings:
     scaling_counts: tuple[int, ...] = (10, 100, 1000, 10000)
     scaling_contenders: tuple[str, ...] = ("ours", "torch-fused", "torch-compiled")
     unroll_steps: int = 10  # inner steps of the differentiable benchmark
+    sections: tuple[str, ...] = ("workloads", "scaling", "differentiable")
 
 
 def machine() -> dict[str, Any]:
@@ -51,16 +52,16 @@ def run(contenders: list[Contender], settings: Settings, progress: Callable[[str
     results: dict[str, Any] = {"machine": machine(), "settings": dataclasses.asdict(settings),
                                "baseline": BASELINE, "scaling": [], "differentiable": None}
     with tempfile.TemporaryDirectory(prefix="adamw-bench-cache-") as cache_root:
-        results["workloads"] = [
+        results["workloads"] = [] if "workloads" not in settings.sections else [
             _workload(workload, contenders, settings, cache_root, progress)
             for workload in (workloads if workloads is not None else standard_workloads(
                 settings.scale, full_gpt2=settings.device == "cuda" and settings.scale >= 1))]
-        if settings.scaling_counts:
+        if settings.scaling_counts and "scaling" in settings.sections:
             scaling = [c for c in contenders if c.name in settings.scaling_contenders]
             total = max(settings.scaling_counts[-1], int(settings.scaling_total * settings.scale))
             results["scaling"] = [_workload(workload, scaling, settings, cache_root, progress, scaling=True)
                                   for workload in scaling_workloads(total, settings.scaling_counts)]
-    if settings.unroll_steps:
+    if settings.unroll_steps and "differentiable" in settings.sections:
         progress("differentiable")
         results["differentiable"] = differentiable.run(settings.unroll_steps, scale=settings.scale,
                                                        repetitions=max(3, settings.repetitions // 2))

@@ -40,8 +40,9 @@ class AdamW(torch.optim.Optimizer):
             nothing, since the step is always one fused kernel per bucket and always capturable.
         differentiable: as in torch.optim.AdamW: ``step()`` runs with grad enabled and keeps
             autograd history through the update, to params (updated in place, so they must not
-            be leaves that require grad), state, grads and tensor hyperparameters. Params are then
-            stepped one by one (no flat buffers), each through the same compiled function.
+            be leaves that require grad), state, grads and tensor hyperparameters. No flat buffers
+            then: params stepped together are concatenated for each step (Note [differentiable
+            runs]).
         eps_root: keyword-only, ours (optax's and TorchOpt's): added under the square root, for
             finite meta-gradients where a gradient entry is 0 (Note [eps_root] in ``update.py``).
             The default 0 gives torch's numbers exactly.
