@@ -91,7 +91,16 @@ def _heavyball(params: list[torch.Tensor], workload: Workload) -> Built:
     if workload.amsgrad:
         raise Unavailable("heavyball.AdamW has no AMSGrad")
     optimizer = heavyball.AdamW(params, lr=LR, betas=(0.9, 0.999), weight_decay=WEIGHT_DECAY)
-    return Built(optimizer, optimizer.step)
+    grads = [p.grad for p in params]
+
+    def step() -> None:
+        # heavyball sets p.grad to None after stepping: without this, every step after the first
+        # would find no grads and do nothing.
+        for p, g in zip(params, grads):
+            p.grad = g
+        optimizer.step()
+
+    return Built(optimizer, step)
 
 
 def _torchao(params: list[torch.Tensor], workload: Workload) -> Built:
