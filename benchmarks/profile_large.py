@@ -1,0 +1,56 @@
+"""``python -m benchmarks.profile_large``: where our step's time goes on one large fp32 tensor.
+
+Times, interleaved, the whole step (ours and torch fused), our elementwise kernel alone as the
+optimizer compiles it (``dynamic=True``) and the same function compiled for the static length,
+and the scalar coefficients kernel.
+"""
+
+from __future__ import annotations
+
+import statistics
+import sys
+import time
+
+import torch
+
+from compiled_adamw import AdamW, kernels
+
+
+def main(elements: int = 16 * 2**20, repetitions: int = 15) -> None:
+    p = torch.randn(elements)
+    p.grad = torch.randn(elements)
+    q = p.detach().clone()
+    q.grad = p.grad.clone()
+    ours, fused = AdamW([p], lr=1e-3), torch.optim.AdamW([q], lr=1e-3, fused=True)
+    ours.step()
+    fused.step()
+    bucket, vector = ours._buckets[0][0], ours._scalars[0].vector
+    coefficients = kernels._compiled_coefficients("cpu", torch.float32)
+    update = kernels._compiled_update("cpu", torch.float32, False, False)
+    packed = coefficients(bucket.steps[0], vector)
+    windows = (bucket.flat_param[:elements], bucket.flat_grad[:elements], bucket.exp_avg[:elements],
+               bucket.exp_avg_sq[:elements], None, packed)
+    static = torch.compile(kernels.apply_update_, fullgraph=True, dynamic=False)
+    unviewed = [kernels._without_base(w) for w in windows]
+    parts = {
+        "ours: whole step": ours.step,
+        "torch fused: whole step": fused.step,
+        "ours: elementwise kernel (dynamic=True)": lambda: update(*windows),
+        "same function, dynamic=False": lambda: static(*unviewed, amsgrad=False, maximize=False),
+        "ours: coefficients kernel": lambda: coefficients(bucket.steps[0], vector),
+    }
+    seconds = {name: [] for name in parts}
+    for _ in range(3):
+        for part in parts.values():
+            part()
+    for _ in range(repetitions):
+        for name, part in parts.items():
+            start = time.perf_counter()
+            part()
+            seconds[name].append(time.perf_counter() - start)
+    for name, values in seconds.items():
+        print(f"{name:42s} median {1e3 * statistics.median(values):7.3f} ms   min {1e3 * min(values):7.3f} ms")
+
+
+if __name__ == "__main__":
+    main(*map(int, sys.argv[1:]))
