@@ -1,13 +1,13 @@
 """Hyperparameters as 0-dim tensors on the params' device.
 
 Note [hyperparameters are tensors]: the compiled step reads lr, beta1, beta2, eps, weight_decay
-and eps_root (Note [eps_root]) from 0-dim tensors, so changing one never recompiles and a captured graph sees the new value. Each
-group keeps its tensors in ``group["lr"]``, ``group["betas"]``, ``group["eps"]`` and
-``group["weight_decay"]`` and ``group["eps_root"]``. Schedulers fill them in place; a user (or OneCycleLR for beta1) who
-assigns a Python float instead gets that value written into the same tensor at the next step, and
-the group holds the tensor again. A tensor the user puts there is used as it is. Floats are checked
-when they are written; tensor values are checked when a group is added or loaded (a check at step
-time would be a host sync).
+and eps_root (Note [eps_root]) from 0-dim tensors, so changing one never recompiles and a captured
+graph sees the new value. Each group keeps its tensors in ``group["lr"]``, ``group["betas"]``,
+``group["eps"]``, ``group["weight_decay"]`` and ``group["eps_root"]``. Schedulers fill them in
+place; a user (or OneCycleLR for beta1) who assigns a Python float instead gets that value written
+into the same tensor at the next step, and the group holds the tensor again. A tensor the user puts
+there is used as it is. Floats are checked when they are written; tensor values are checked when a
+group is added or loaded (a check at step time would be a host sync).
 
 Our own tensors are 0-dim views of one float64 vector per group, ``[lr, beta1, beta2, eps,
 weight_decay, eps_root]``, which the step passes to the compiled coefficients as a single argument.
@@ -22,7 +22,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
-__all__ = ["OPTIONAL_DEFAULTS", "SCALAR_NAMES", "GroupScalars", "check_value", "group_value", "set_group_value"]
+__all__ = ["OPTIONAL_DEFAULTS", "SCALAR_NAMES", "GroupScalars", "check_value", "group_value",
+           "set_group_value"]
 
 SCALAR_NAMES = ("lr", "beta1", "beta2", "eps", "weight_decay", "eps_root")
 # Keys that torch.optim.AdamW's groups lack; a group loaded from its checkpoints gets the default.
@@ -142,9 +143,9 @@ class GroupScalars:
         return {name: t.item() for name, t in self.tensors.items()}
 
     def packed(self, device: torch.device) -> Tensor:
-        """``[lr, beta1, beta2, eps, weight_decay, eps_root]`` as one 1-D tensor on ``device``: our vector
-        itself unless the user put tensors of their own in the group (then a differentiable stack),
-        copied only for a group whose params span devices."""
+        """``[lr, beta1, beta2, eps, weight_decay, eps_root]`` as one 1-D tensor on ``device``: our
+        vector itself unless the user put tensors of their own in the group (then a differentiable
+        stack), copied only for a group whose params span devices."""
         if all(t._base is self.vector for t in self.tensors.values()):
             packed = self.vector
         else:

@@ -46,8 +46,7 @@ _INDUCTOR_OPTIONS = {"cpu": {"cpp.vec_isa_ok": True}}
 
 def packed_coefficients(step: Tensor, hyperparameters: Tensor, *, dtype: torch.dtype) -> Tensor:
     """:func:`adamw_coefficients` from ``hyperparameters = [lr, beta1, beta2, eps, weight_decay,
-    eps_root]``,
-    stacked into one 1-D tensor (Note [scalars outside the elementwise kernel])."""
+    eps_root]``, stacked into one 1-D tensor (Note [scalars outside the elementwise kernel])."""
     return torch.stack(adamw_coefficients(step, *hyperparameters.unbind(), dtype=dtype))
 
 
