@@ -286,7 +286,8 @@ def _unshared_steps(optimizer: AdamW, state_dict: dict[str, Any]) -> None:
     """Each param gets its own step tensor in a checkpoint (Note [differentiable runs] shares
     them): torch.optim.AdamW increments its step tensors in place."""
     for values in state_dict["state"].values():
-        values["step"] = values["step"].clone()
+        if isinstance(values.get("step"), Tensor):
+            values["step"] = values["step"].clone()
 
 
 def _share_equal_steps(optimizer: AdamW) -> None:
