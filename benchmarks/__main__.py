@@ -20,6 +20,7 @@ import torch
 from .contenders import BASELINE, CONTENDERS, by_name
 from .report import markdown, update_readme, write_json, write_plot
 from .run import Settings, run
+from .workloads import standard_workloads
 
 
 def _arguments(argv: list[str] | None) -> argparse.Namespace:
@@ -37,6 +38,7 @@ def _arguments(argv: list[str] | None) -> argparse.Namespace:
                         help="skip the cold/warm first-step measurements in fresh processes")
     parser.add_argument("--scaling-counts", type=int, nargs="+", default=[10, 100, 1000, 10000])
     parser.add_argument("--unroll-steps", type=int, default=10)
+    parser.add_argument("--workloads", nargs="+", metavar="NAME", help="only these standard workloads")
     parser.add_argument("--sections", nargs="+", default=["workloads", "scaling", "differentiable"],
                         choices=["workloads", "scaling", "differentiable"])
     parser.add_argument("--merge-into", type=Path,
@@ -72,7 +74,13 @@ def main(argv: list[str] | None = None) -> dict:
                 bar.set_postfix_str(what[:70])
                 bar.update(1)
 
-            results = run(contenders, settings, progress)
+            chosen = None
+            if arguments.workloads:
+                chosen = [w for w in standard_workloads(settings.scale) if w.name in arguments.workloads]
+                unknown = set(arguments.workloads) - {w.name for w in chosen}
+                if unknown:
+                    raise SystemExit(f"unknown workloads {sorted(unknown)}")
+            results = run(contenders, settings, progress, workloads=chosen)
         if arguments.merge_into:
             merged = json.loads(arguments.merge_into.read_text())
             merged.update({key: results[key] for key in arguments.sections})
