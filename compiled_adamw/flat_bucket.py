@@ -36,7 +36,7 @@ import torch
 from torch import Tensor
 
 
-__all__ = ["ALIGNMENT", "FlatBucket", "StepPlan", "bucket_key", "group_into_buckets"]
+__all__ = ["ALIGNMENT", "FlatBucket", "StepPlan", "bucket_key", "check_grad", "group_into_buckets"]
 
 ALIGNMENT = 16
 STATE_KEYS = ("exp_avg", "exp_avg_sq", "max_exp_avg_sq")
@@ -44,6 +44,15 @@ STATE_KEYS = ("exp_avg", "exp_avg_sq", "max_exp_avg_sq")
 
 def bucket_key(param: Tensor) -> tuple[torch.device, torch.dtype]:
     return param.device, param.dtype
+
+
+def check_grad(name: str, grad: Tensor, device: torch.device, dtype: torch.dtype, shape: torch.Size) -> None:
+    """RuntimeError naming param ``name`` unless ``grad`` fits a param of this device, dtype and shape."""
+    if grad.layout != torch.strided:
+        raise RuntimeError(f"{name} has a sparse grad ({grad.layout}); AdamW does not support sparse gradients")
+    if (grad.device, grad.dtype, grad.shape) != (device, dtype, shape):
+        raise RuntimeError(f"{name}: its grad is {grad.dtype} {tuple(grad.shape)} on {grad.device}, but the "
+                           f"param is {dtype} {tuple(shape)} on {device}")
 
 
 def _static(buffer: Tensor) -> Tensor:
@@ -203,15 +212,7 @@ class FlatBucket:
             )
 
     def _check_grad(self, i: int, grad: Tensor, where: Callable[[int], str]) -> None:
-        if grad.layout != torch.strided:
-            raise RuntimeError(f"{where(self.positions[i])} has a sparse grad ({grad.layout}); AdamW does not support sparse gradients")
-        expected = (self.device, self.dtype, self.layouts[i][0])
-        found = (grad.device, grad.dtype, grad.shape)
-        if found != expected:
-            raise RuntimeError(
-                f"{where(self.positions[i])}: its grad is {grad.dtype} {tuple(grad.shape)} on {grad.device}, but the "
-                f"param is {self.dtype} {tuple(self.layouts[i][0])} on {self.device}"
-            )
+        check_grad(where(self.positions[i]), grad, self.device, self.dtype, self.layouts[i][0])
 
     def _runs(self, present: list[bool]) -> list[tuple[int, int]]:
         """Maximal runs of params that have a grad and share a cohort (Note [step cohorts])."""

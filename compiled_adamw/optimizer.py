@@ -12,7 +12,7 @@ from typing import Any, Callable, Iterable
 import torch
 from torch import Tensor
 
-from .flat_bucket import STATE_KEYS, FlatBucket, group_into_buckets
+from .flat_bucket import STATE_KEYS, FlatBucket, check_grad, group_into_buckets
 from .functional import group_key, step_together
 from .hyperparameters import OPTIONAL_DEFAULTS, SCALAR_NAMES, GroupScalars, check_value, group_value
 from .kernels import coefficients_kernel, differentiable_kernel, update_kernel
@@ -104,7 +104,7 @@ class AdamW(torch.optim.Optimizer):
             raise
         self._scalars.append(scalars)
         if self.differentiable:
-            self._buckets.append([])  # stepped param by param, with autograd history
+            self._buckets.append([])  # no flat buffers: Note [differentiable runs]
             return
         with torch.no_grad():
             self._buckets.append(group_into_buckets(group["params"], amsgrad=group["amsgrad"]))
@@ -256,17 +256,13 @@ def _check_differentiable_group(index: int, group: dict[str, Any]) -> None:
     for position, p in enumerate(group["params"]):
         if p.grad is None:
             continue
-        name, grad = _param_name(index, position), p.grad
+        name = _param_name(index, position)
         if p.is_leaf and p.requires_grad:
             raise RuntimeError(
                 f"{name} is a leaf tensor that requires grad; differentiable=True updates params in "
                 "place, which autograd forbids for such leaves. Step non-leaf copies (w = w0.clone()) "
                 "or use compiled_adamw.functional.update, which returns new params")
-        if grad.is_sparse:
-            raise RuntimeError(f"{name} has a sparse grad; AdamW does not support sparse gradients")
-        if grad.shape != p.shape or grad.dtype != p.dtype or grad.device != p.device:
-            raise RuntimeError(f"{name} is {p.dtype} {tuple(p.shape)} on {p.device} but its grad is "
-                               f"{grad.dtype} {tuple(grad.shape)} on {grad.device}")
+        check_grad(name, p.grad, p.device, p.dtype, p.shape)
 
 
 def _namer(group: int) -> Callable[[int], str]:

@@ -405,3 +405,19 @@ def test_differentiable_state_dict_round_trip_with_torch():
         step([(theirs, continued), (reloaded_params, reloaded), (mine, optimizer)], index)
     torch.testing.assert_close(theirs, [p.detach() for p in mine], rtol=1e-12, atol=1e-13)
     torch.testing.assert_close(reloaded_params, mine, rtol=1e-12, atol=1e-13)
+
+
+def test_differentiable_bad_input_is_named_before_anything_changes():
+    leaf = torch.randn(3, dtype=F64, requires_grad=True)
+    other = torch.randn(2, dtype=F64, requires_grad=True).clone()
+    optimizer = AdamW([other, leaf], lr=0.1, differentiable=True)
+    other.grad, leaf.grad = torch.ones(2, dtype=F64), torch.ones(3, dtype=F64)
+    before = other.detach().clone()
+    with pytest.raises(RuntimeError, match=r"param_groups\[0\]\['params'\]\[1\] is a leaf tensor that requires grad"):
+        optimizer.step()
+    other.grad = torch.ones(2, dtype=F64).to_sparse()
+    leaf.grad = None
+    with pytest.raises(RuntimeError, match=r"param_groups\[0\]\['params'\]\[0\] has a sparse grad"):
+        optimizer.step()
+    torch.testing.assert_close(other.detach(), before, rtol=0, atol=0)
+    assert not optimizer.state
