@@ -11,11 +11,10 @@ would still break a capture, and :class:`CapturedIteration` calls it before capt
         loss = iteration()                                  # replay: forward, backward, step
         scheduler.step()                                    # takes effect on the next replay
 
-Note [floats between replays]: a replay runs no Python, so a float assigned to a group
-(``group["lr"] = 0.1``; OneCycleLR does it for beta1) reaches the graph only once it is written
-into the group's tensor. :meth:`CapturedIteration.__call__` does that before each replay
-(``optimizer.sync_hyperparameters()``, outside the graph); a float present while capturing would
-instead be baked into the graph, which :func:`check_capturable` refuses.
+Note [floats between replays]: a replay runs no Python, yet a float assigned to a group between
+replays (``group["lr"] = 0.1``; OneCycleLR does it for beta1) takes effect: the assignment itself
+writes it into the group's vector on the device (Note [a group holds what the user gave]), which
+is what the captured kernels read.
 """
 
 from __future__ import annotations
@@ -52,12 +51,7 @@ def check_capturable(optimizer: AdamW, *, device_type: str = "cuda") -> None:
         where = f"param_groups[{index}]"
         for name in SCALAR_NAMES:
             value = group_value(group, name)
-            if not isinstance(value, Tensor):
-                problems.append(
-                    f"{where}{_key(name)} is the Python {type(value).__name__} {value!r}: capturing now "
-                    "would bake it into the graph. Call optimizer.sync_hyperparameters() first "
-                    "(CapturedIteration does, and again before every replay)")
-            elif value.device.type != device_type:
+            if isinstance(value, Tensor) and value.device.type != device_type:
                 problems.append(f"{where}{_key(name)} is a tensor on {value.device}, not on {device_type}")
         for position, p in enumerate(group["params"]):
             name = _param_name(index, position)
@@ -92,8 +86,6 @@ class CapturedIteration:
                  pool: Any = None):
         if not torch.cuda.is_available():
             raise CaptureError("CUDA graph capture needs a CUDA device")
-        self.optimizer = optimizer
-        optimizer.sync_hyperparameters()
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(side):
@@ -107,6 +99,5 @@ class CapturedIteration:
 
     def __call__(self) -> Any:
         """Replay; returns the tensors ``iteration`` returned while capturing (refilled)."""
-        self.optimizer.sync_hyperparameters()  # Note [floats between replays]
-        self.graph.replay()
+        self.graph.replay()  # floats assigned since: Note [floats between replays]
         return self.output

@@ -1,45 +1,61 @@
-"""Flat storage: the params of one group that share a device and dtype, with their AdamW state.
+"""A flat bucket: the params of one group that share a device and dtype, their AdamW state, and
+where each step reads and writes them.
 
-Note [flat buffers]: the step is one elementwise kernel per bucket over a few flat tensors (param,
-grad, exp_avg, exp_avg_sq, and max_exp_avg_sq for amsgrad) whose length is symbolic in the
-compiled graph, so compile time does not depend on how many params a group has and small tensors
-cost no per-tensor launch. To get there:
+Note [where memory lives]: the one place that decides where params', grads' and state's memory
+is, for every path (our own layout, someone else's buckets, autograd's fresh grads).
 
-* each param is re-pointed into ``flat_param`` (``p.data = view``): it stays the same
-  ``Parameter`` object with the same shape and strides, and ``model.load_state_dict`` (which copies
-  in place) keeps working. If something re-points a param elsewhere (``model.to(...)``,
-  ``load_state_dict(assign=True)``), the next step notices and adopts its new values.
-* each grad is expected at its view of ``flat_grad``. A grad found elsewhere (autograd allocates a
-  fresh one after ``zero_grad(set_to_none=True)``) is copied there once and ``p.grad`` is re-pointed
-  to that view, so that further backward passes accumulate in place. ``zero_grad(set_to_none=False)``
-  keeps every grad in place: the zero-copy path.
-* the state of param ``i`` (``exp_avg``, ..., ``step``) is a view into the flat state buffers; those
-  views are what ``optimizer.state`` and ``state_dict()`` hold, in torch.optim.AdamW's format.
-* segments start at multiples of ``ALIGNMENT`` elements, so every kernel sees aligned, non-empty
-  slices (a length of 0 or 1 would make Dynamo specialize and recompile).
+* **State is ours.** ``exp_avg``, ``exp_avg_sq`` (and ``max_exp_avg_sq``) of all params live in
+  flat, aligned buffers; ``optimizer.state[p]`` holds views of them in torch.optim.AdamW's format,
+  with the strides torch would give (``zeros_like(p, memory_format=torch.preserve_format)``).
+  Segments start at multiples of ``ALIGNMENT`` elements, so a kernel over several params sees an
+  aligned window whose length is never 0 or 1 (Dynamo would specialize those and recompile).
+* **A param's home is ours, but the param owns its bytes.** When a bucket is built, each dense
+  param's values are copied into ``flat_param`` and the param is re-pointed (``p.data = alias``)
+  to its segment through a tensor with a storage object of its own (DLPack aliasing): the same
+  ``Parameter``, shape and strides; ``torch.save`` of part of a model writes that part's bytes;
+  ``model.load_state_dict`` copies in place. A param that is not dense (a strided slice) is left
+  where it is.
+* **A param re-pointed by someone else is stepped where it now lives**, never taken back: ZeRO's
+  bucket views, ``load_state_dict(assign=True)``, ``p.data = p.data.contiguous()``. If its strides
+  match its state's, the kernel reads and writes its memory directly; otherwise (another layout,
+  a non-dense param) its values pass through a temporary in the state's layout and are copied
+  back, keeping the param's own strides. Only a change of dtype, device or shape (``model.half()``,
+  ``model.to(...)``) makes the optimizer rebuild the group's buckets, carrying the state over as
+  ``load_state_dict`` would (cast to the new dtype, moved to the new device).
+* **Grads are autograd's, read where they are and never written.** ``p.grad`` is never re-pointed
+  or modified (torch's invariant: a step leaves ``p.grad._version`` alone), and a None grad stays
+  None. A param of ``DIRECT_ELEMENTS`` or more gets a kernel call of its own that reads its grad
+  in place: no copy. Smaller params are stepped together, a chunk of at most ``CHUNK_ELEMENTS``
+  per kernel call, their grads gathered by one ``_foreach_copy_`` into a chunk-sized scratch
+  buffer, so the copies stay in cache and the optimizer holds no param-sized grad buffer.
 
 Note [step cohorts]: torch keeps one step count per param, and a param whose grad is None is not
-stepped. The elementwise kernel uses one step count for a contiguous run of params, which is right
-only if their counts are equal. The host knows when they are: params that have always been stepped
-together share a *cohort* id. A step runs the kernel once per maximal run of params that have a
-grad and share a cohort; the stepped ones then move to a fresh cohort. When every param has a grad
-(the usual case) there is one run per bucket. Cohorts are rebuilt from the step values when state
-is loaded; writing to ``state[p]["step"]`` by hand is not supported.
+stepped. A kernel call uses one step count for all its params, which is right only if their
+counts are equal. The host knows when they are: params that have always been stepped together
+share a *cohort* id. A step runs the kernel over maximal runs of params that have a grad and share
+a cohort; the stepped ones then move to a fresh cohort. When every param has a grad (the usual
+case) there is one run per bucket. Cohorts are rebuilt from the step values when state is loaded;
+writing to ``state[p]["step"]`` by hand is not supported.
 """
 
 from __future__ import annotations
 
 import itertools
-from typing import Callable, Iterable, Mapping, MutableMapping, NamedTuple
+import operator
+from typing import Callable, Iterable, Iterator, Mapping, MutableMapping, NamedTuple
 
 import torch
 from torch import Tensor
 
-
-__all__ = ["ALIGNMENT", "FlatBucket", "StepPlan", "bucket_key", "check_grad", "group_into_buckets"]
+__all__ = ["ALIGNMENT", "CHUNK_ELEMENTS", "DIRECT_ELEMENTS", "STATE_KEYS", "FlatBucket", "StepPlan",
+           "bucket_key", "check_grad", "group_into_buckets"]
 
 ALIGNMENT = 16
+CHUNK_ELEMENTS = 1 << 18
+DIRECT_ELEMENTS = 1 << 16
 STATE_KEYS = ("exp_avg", "exp_avg_sq", "max_exp_avg_sq")
+
+_shape = operator.attrgetter("shape")
 
 
 def bucket_key(param: Tensor) -> tuple[torch.device, torch.dtype]:
@@ -68,13 +84,44 @@ def _round_up(n: int, multiple: int) -> int:
     return -(-n // multiple) * multiple
 
 
+def _own_storage(view: Tensor) -> Tensor:
+    """The memory of ``view`` through a tensor with a storage object of its own (which keeps the
+    buffer alive): saving it writes its bytes only, and its version counter is its own."""
+    if view.device.type not in ("cpu", "cuda"):
+        return view
+    return torch.from_dlpack(view)
+
+
+def in_memory_order(tensor: Tensor) -> Tensor:
+    """A dense ``tensor`` as a 1-D real view of its memory, in memory order."""
+    if tensor.is_complex():
+        tensor = torch.view_as_real(tensor)
+    order = sorted(range(tensor.dim()), key=lambda d: -tensor.stride(d))
+    return tensor.permute(order).reshape(-1)
+
+
+def _dense_strides(tensor: Tensor) -> tuple[int, ...]:
+    """The strides torch gives this param's state: its own if it is dense, else contiguous ones."""
+    return torch.empty_like(tensor, device="meta", memory_format=torch.preserve_format).stride()
+
+
 class StepPlan(NamedTuple):
     """What one step of a bucket will do, decided (and validated) before anything is mutated."""
 
     runs: list[tuple[int, int]]  # [first, last) param indices, each run sharing one step count
     present: list[bool]  # which params have a grad
-    grads_to_copy: list[tuple[int, Tensor]]  # grads that are not at their view of flat_grad
-    params_to_relink: list[int]  # params that were re-pointed away from flat_param
+    grads: list[Tensor | None]
+    away: frozenset[int]  # params that live somewhere else than their home (stepped there)
+    changed: bool  # a param changed dtype, device or shape: the group's buckets must be rebuilt
+
+
+class _Call(NamedTuple):
+    """One kernel call: params [first, last) over the state window [lo, hi)."""
+
+    first: int
+    last: int
+    lo: int
+    hi: int
 
 
 class FlatBucket:
@@ -86,47 +133,66 @@ class FlatBucket:
         self.device, self.dtype = bucket_key(params[0])
         self.real_dtype = self.dtype.to_real() if self.dtype.is_complex else self.dtype
         real_per_element = 2 if self.dtype.is_complex else 1
-        self.layouts = [(p.shape, torch.empty_like(p, device="meta").stride()) for p in params]
+        self.shapes = [p.shape for p in params]
+        self.strides = [_dense_strides(p) for p in params]
+        self.sizes = [p.numel() * real_per_element for p in params]
         self.starts, self.ends, self.padded_ends = [], [], []
         offset = 0
-        for p in params:
-            size = p.numel() * real_per_element
+        for size in self.sizes:
             self.starts.append(offset)
             self.ends.append(offset + size)
             offset += _round_up(size, ALIGNMENT)
             self.padded_ends.append(offset)
         self.length = offset
-        self.flat_param = self._zeros()
-        self.flat_grad = self._zeros()
-        self.exp_avg = self._zeros()
-        self.exp_avg_sq = self._zeros()
-        self.max_exp_avg_sq = self._zeros() if amsgrad else None
+        self.flat_param = self._zeros(self.length)
+        self.exp_avg = self._zeros(self.length)
+        self.exp_avg_sq = self._zeros(self.length)
+        self.max_exp_avg_sq = self._zeros(self.length) if amsgrad else None
         self.steps = _static(torch.zeros(len(params), dtype=torch.float32, device=self.device))
         self.cohorts = [0] * len(params)
         self.has_state = [False] * len(params)
-        self.grad_views = [self.view(self.flat_grad, i) for i in range(len(params))]
-        self.grad_ptrs = [g.data_ptr() for g in self.grad_views]
-        self.param_ptrs = [0] * len(params)
+        self.direct = [size >= DIRECT_ELEMENTS for size in self.sizes]
+        self._lay_out_chunks()
+        self.home_ptrs: list[int | None] = [None] * len(params)
         with torch.no_grad():
-            for i in range(len(params)):
-                self._link_param(i)
+            for i, p in enumerate(params):
+                if p.stride() == self.strides[i]:
+                    self._bring_home(i)
 
-    def _zeros(self) -> Tensor:
-        return _static(torch.zeros(self.length, dtype=self.real_dtype, device=self.device))
+    def _zeros(self, length: int) -> Tensor:
+        return _static(torch.zeros(length, dtype=self.real_dtype, device=self.device))
 
-    def view(self, buffer: Tensor, i: int) -> Tensor:
-        """Param ``i``'s segment of ``buffer``, with the param's dtype, shape and strides."""
-        segment = buffer[self.starts[i] : self.ends[i]]
+    def _lay_out_chunks(self) -> None:
+        """Each small param's chunk (consecutive small params, at most CHUNK_ELEMENTS long) and its
+        grad's view in the chunk-sized scratch buffer."""
+        self.chunk_start = [0] * len(self.params)
+        chunk_lo, longest = None, 0
+        for i, direct in enumerate(self.direct):
+            if direct:
+                chunk_lo = None
+                continue
+            if chunk_lo is None or self.padded_ends[i] - chunk_lo > CHUNK_ELEMENTS:
+                chunk_lo = self.starts[i]
+            self.chunk_start[i] = chunk_lo
+            longest = max(longest, self.padded_ends[i] - chunk_lo)
+        self.scratch = self._zeros(longest)
+        self.scratch_views = [None if direct else self._view(self.scratch, i, self.starts[i] - self.chunk_start[i])
+                              for i, direct in enumerate(self.direct)]
+
+    def _view(self, buffer: Tensor, i: int, start: int | None = None) -> Tensor:
+        """Param ``i``'s segment of ``buffer`` (from ``start``, default its own offset), with the
+        param's dtype, shape and its state's strides."""
+        start = self.starts[i] if start is None else start
+        segment = buffer[start : start + self.sizes[i]]
         if self.dtype.is_complex:
             segment = segment.view(self.dtype)
-        shape, stride = self.layouts[i]
-        return segment.as_strided(shape, stride)
+        return segment.as_strided(self.shapes[i], self.strides[i])
 
-    def _link_param(self, i: int) -> None:
-        param, view = self.params[i], self.view(self.flat_param, i)
+    def _bring_home(self, i: int) -> None:
+        param, view = self.params[i], self._view(self.flat_param, i)
         view.copy_(param.detach())
-        param.data = view
-        self.param_ptrs[i] = param.data_ptr()
+        param.data = _own_storage(view)
+        self.home_ptrs[i] = param.data_ptr()
 
     # ---- state ------------------------------------------------------------------------------
 
@@ -136,18 +202,19 @@ class FlatBucket:
         for key in STATE_KEYS:
             buffer = getattr(self, key)
             if buffer is not None:
-                state[key] = self.view(buffer, i)
+                state[key] = self._view(buffer, i)
         return state
 
     def set_amsgrad(self, amsgrad: bool) -> None:
         if amsgrad and self.max_exp_avg_sq is None:
-            self.max_exp_avg_sq = self._zeros()
+            self.max_exp_avg_sq = self._zeros(self.length)
         elif not amsgrad:
             self.max_exp_avg_sq = None
 
     def load_state(self, loaded: Mapping[Tensor, Mapping[str, Tensor]],
                    state: MutableMapping[Tensor, dict]) -> None:
-        """Copy validated ``loaded[param]`` tensors into the buffers; ``state`` gets the views."""
+        """Copy validated ``loaded[param]`` values into the buffers (``copy_`` casts and moves them,
+        as torch's ``load_state_dict`` does); ``state`` gets the views."""
         for i, param in enumerate(self.params):
             values = loaded.get(param)
             self.has_state[i] = values is not None
@@ -155,7 +222,7 @@ class FlatBucket:
                 buffer = self.steps[i] if key == "step" else getattr(self, key)
                 if buffer is None:
                     continue
-                target = buffer if key == "step" else self.view(buffer, i)
+                target = buffer if key == "step" else self._view(buffer, i)
                 if values is not None and key in values:
                     target.copy_(values[key])
                 else:
@@ -173,46 +240,44 @@ class FlatBucket:
         """Inspect params and grads and decide the step; raises before anything is mutated."""
         grads = [p.grad for p in self.params]
         present = [g is not None for g in grads]
-        grads_to_copy, params_to_relink = [], []
-        if tracing:
-            # Pointers cannot be read while tracing: copy every grad (a no-op copy where it is
-            # already in place) and trust the links made when the params were adopted.
-            grads_to_copy = [(i, g) for i, g in enumerate(grads) if g is not None]
-        elif not self._all_in_place(grads, present):
+        away: frozenset[int] = frozenset()
+        changed = False
+        # Pointers cannot be read while tracing: a user's compile trusts the params to be home.
+        if not tracing and not self._all_home():
+            away, changed = self._find_away(where)
+        if not self._grads_fit(grads, present) or changed:
             for i, (param, grad) in enumerate(zip(self.params, grads)):
-                if param.data_ptr() != self.param_ptrs[i]:
-                    self._check_relink(i, where)
-                    params_to_relink.append(i)
-                if grad is not None and (grad.layout != torch.strided
-                                         or grad.data_ptr() != self.grad_ptrs[i]):
-                    self._check_grad(i, grad, where)
-                    grads_to_copy.append((i, grad))
-        return StepPlan(self._runs(present), present, grads_to_copy, params_to_relink)
+                if grad is not None:
+                    check_grad(where(self.positions[i]), grad, param.device, param.dtype, param.shape)
+        return StepPlan(self._runs(present), present, grads, away, changed)
 
-    def _all_in_place(self, grads: list[Tensor | None], present: list[bool]) -> bool:
-        """The common case, checked at C speed: every param linked, every grad at its view.
+    def _all_home(self) -> bool:
+        """The common case, checked at C speed: every param at its home, with its shape."""
+        return list(map(Tensor.data_ptr, self.params)) == self.home_ptrs and list(map(_shape, self.params)) == self.shapes
 
-        A grad without a data pointer (sparse) raises here and is diagnosed by the slow path."""
+    def _find_away(self, where: Callable[[int], str]) -> tuple[frozenset[int], bool]:
+        away, changed = set(), False
+        for i, param in enumerate(self.params):
+            if (param.device, param.dtype, param.shape) != (self.device, self.dtype, self.shapes[i]):
+                if param.shape != self.shapes[i] and self.has_state[i]:
+                    raise RuntimeError(
+                        f"{where(self.positions[i])} changed shape from {tuple(self.shapes[i])} to "
+                        f"{tuple(param.shape)} after it was stepped; its state no longer fits")
+                changed = True
+            elif param.data_ptr() != self.home_ptrs[i]:
+                away.add(i)
+        return frozenset(away), changed
+
+    def _grads_fit(self, grads: list[Tensor | None], present: list[bool]) -> bool:
+        """Whether every grad is dense with its param's shape, dtype and device, at C speed."""
         try:
-            if list(map(Tensor.data_ptr, self.params)) != self.param_ptrs:
-                return False
-            if all(present):
-                return list(map(Tensor.data_ptr, grads)) == self.grad_ptrs
-            return all(g is None or g.data_ptr() == ptr for g, ptr in zip(grads, self.grad_ptrs))
-        except RuntimeError:
+            given = list(itertools.compress(grads, present))
+            shapes = list(itertools.compress(self.shapes, present))
+            return (list(map(_shape, given)) == shapes
+                    and all(g.dtype == self.dtype and g.device == self.device and g.layout == torch.strided
+                            for g in given))
+        except (RuntimeError, AttributeError):
             return False
-
-    def _check_relink(self, i: int, where: Callable[[int], str]) -> None:
-        param = self.params[i]
-        if (param.device, param.dtype, param.shape) != (self.device, self.dtype, self.layouts[i][0]):
-            raise RuntimeError(
-                f"{where(self.positions[i])} changed from {self.dtype} {tuple(self.layouts[i][0])} on "
-                f"{self.device} to {param.dtype} {tuple(param.shape)} on {param.device} after it was "
-                "given to the optimizer; create the optimizer after moving or casting the model"
-            )
-
-    def _check_grad(self, i: int, grad: Tensor, where: Callable[[int], str]) -> None:
-        check_grad(where(self.positions[i]), grad, self.device, self.dtype, self.layouts[i][0])
 
     def _runs(self, present: list[bool]) -> list[tuple[int, int]]:
         """Maximal runs of params that have a grad and share a cohort (Note [step cohorts])."""
@@ -230,25 +295,28 @@ class FlatBucket:
             runs.append((start, len(present)))
         return runs
 
+    def _calls(self, first: int, last: int, away: frozenset[int]) -> Iterator[_Call]:
+        """Split a run into kernel calls (Note [where memory lives])."""
+        i = first
+        while i < last:
+            j = i + 1
+            if not (self.direct[i] or i in away):
+                while (j < last and not self.direct[j] and j not in away
+                       and self.chunk_start[j] == self.chunk_start[i]):
+                    j += 1
+            if self.padded_ends[j - 1] > self.starts[i]:  # empty params need no call
+                yield _Call(i, j, self.starts[i], self.padded_ends[j - 1])
+            i = j
+
     def execute(
         self,
         plan: StepPlan,
         state: MutableMapping[Tensor, dict],
         coefficients: Callable[[Tensor], Tensor],
         update: Callable[..., None],
-        *,
-        tracing: bool,
     ) -> None:
-        """Carry out ``plan``: move grads in place, then one kernel call per run."""
-        for i in plan.params_to_relink:
-            self._link_param(i)
-        if plan.grads_to_copy:
-            indices = [i for i, _ in plan.grads_to_copy]
-            torch._foreach_copy_([self.grad_views[i] for i in indices],
-                                 [g for _, g in plan.grads_to_copy])
-            if not tracing:
-                for i in indices:
-                    self.params[i].grad = self.grad_views[i]
+        """Carry out ``plan``: one kernel call per chunk of small params, per large param and per
+        param that lives elsewhere."""
         if not all(self.has_state):
             for i in itertools.compress(range(len(self.params)), plan.present):
                 if not self.has_state[i]:
@@ -257,16 +325,35 @@ class FlatBucket:
         for first, last in plan.runs:
             self.steps[first:last].add_(1)
             scalars = coefficients(self.steps[first])
-            lo, hi = self.starts[first], self.padded_ends[last - 1]
-            if hi > lo:
-                window = slice(lo, hi)
-                update(
-                    self.flat_param[window], self.flat_grad[window], self.exp_avg[window],
-                    self.exp_avg_sq[window],
-                    None if self.max_exp_avg_sq is None else self.max_exp_avg_sq[window],
-                    scalars,
-                )
+            for call in self._calls(first, last, plan.away):
+                self._update(call, plan, scalars, update)
         self._advance_cohorts(plan.present)
+
+    def _update(self, call: _Call, plan: StepPlan, scalars: Tensor, update: Callable[..., None]) -> None:
+        window = slice(call.lo, call.hi)
+        state = (self.exp_avg[window], self.exp_avg_sq[window],
+                 None if self.max_exp_avg_sq is None else self.max_exp_avg_sq[window])
+        if call.last - call.first > 1 or not (self.direct[call.first] or call.first in plan.away):
+            torch._foreach_copy_([self.scratch_views[i] for i in range(call.first, call.last)],
+                                 plan.grads[call.first : call.last])
+            lo = self.chunk_start[call.first]
+            update(self.flat_param[window], self.scratch[call.lo - lo : call.hi - lo], *state, scalars)
+            return
+        i = call.first
+        param, grad = self.params[i].detach(), plan.grads[i]
+        if self.sizes[i] >= 2 and param.stride() == grad.stride() == self.strides[i]:
+            # Both where they live, in the state's layout: no copy at all.
+            state = tuple(None if s is None else s[: self.sizes[i]] for s in state)
+            update(in_memory_order(param), in_memory_order(grad), *state, scalars)
+            return
+        # Through temporaries in the state's layout, padded to the aligned window.
+        temporary_param, temporary_grad = (torch.zeros(call.hi - call.lo, dtype=self.real_dtype, device=self.device)
+                                           for _ in range(2))
+        param_view, grad_view = (self._view(t, i, 0) for t in (temporary_param, temporary_grad))
+        param_view.copy_(param)
+        grad_view.copy_(grad)
+        update(temporary_param, temporary_grad, *state, scalars)
+        param.copy_(param_view)
 
     def _advance_cohorts(self, present: list[bool]) -> None:
         if all(present):
@@ -275,20 +362,6 @@ class FlatBucket:
         next_id = max(self.cohorts) + 1
         for i in itertools.compress(range(len(present)), present):
             self.cohorts[i] = fresh.setdefault(self.cohorts[i], next_id + len(fresh))
-
-    def zero_grads(self) -> bool:
-        """Zero every grad with one fill if all of them are in place; False if some are not."""
-        grads = [p.grad for p in self.params]
-        if any(g is not None and (g.layout != torch.strided or g.data_ptr() != ptr)
-               for g, ptr in zip(grads, self.grad_ptrs)):
-            return False
-        for g in grads:
-            if g is not None and g.grad_fn is not None:
-                g.detach_()
-            elif g is not None:
-                g.requires_grad_(False)
-        self.flat_grad.zero_()
-        return True
 
 
 def group_into_buckets(params: Iterable[Tensor], *, amsgrad: bool) -> list[FlatBucket]:

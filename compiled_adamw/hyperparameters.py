@@ -1,31 +1,37 @@
-"""Hyperparameters as 0-dim tensors on the params' device.
+"""Hyperparameters as 0-dim tensors on the params' device, and the param groups that hold them.
 
 Note [hyperparameters are tensors]: the compiled step reads lr, beta1, beta2, eps, weight_decay
-and eps_root (Note [eps_root]) from 0-dim tensors, so changing one never recompiles and a captured
-graph sees the new value. Each group keeps its tensors in ``group["lr"]``, ``group["betas"]``,
-``group["eps"]``, ``group["weight_decay"]`` and ``group["eps_root"]``. Schedulers fill them in
-place; a user (or OneCycleLR for beta1) who assigns a Python float instead gets that value written
-into the same tensor at the next step, and the group holds the tensor again. A tensor the user puts
-there is used as it is. Floats are checked when they are written; tensor values are checked when a
-group is added or loaded (a check at step time would be a host sync).
+and eps_root (Note [eps_root]) from tensors on the params' device, so changing one never
+recompiles, never syncs, and a captured CUDA graph sees the new value.
 
-Our own tensors are 0-dim views of one float64 vector per group, ``[lr, beta1, beta2, eps,
-weight_decay, eps_root]``, which the step passes to the compiled coefficients as a single argument.
+Note [a group holds what the user gave]: a param group is a :class:`ParamGroup`, a ``dict`` that
+holds exactly what was given or assigned -- a Python float stays a float, as in torch, so
+``state_dict()``, ``get_last_lr()``, loggers and DCP read what the user (or a scheduler) wrote.
+The step never reads the dict's floats: every write of a float (``group["lr"] = 0.1``, OneCycleLR
+assigning beta1, a checkpoint being loaded) is validated and written at once into the group's own
+float64 vector ``[lr, beta1, beta2, eps, weight_decay, eps_root]`` on the params' device, which
+the step passes to the compiled coefficients as one argument. Because the step reads no Python
+float, a user's ``torch.compile`` around it has no float to guard on, and a CUDA graph replay
+needs no Python. A tensor given for a hyperparameter is the user's: the step reads it and never
+writes into it (a scheduler may ``fill_`` it, as torch's do), so a tensor shared by several groups
+stays shared and each group's float assignment stays that group's own.
 """
 
 from __future__ import annotations
 
 import math
 from numbers import Real
-from typing import Any
+from typing import Any, Iterable
 
 import torch
 from torch import Tensor
 
-__all__ = ["OPTIONAL_DEFAULTS", "SCALAR_NAMES", "GroupScalars", "check_value", "group_value",
-           "set_group_value"]
+__all__ = ["GROUP_KEYS", "OPTIONAL_DEFAULTS", "SCALAR_NAMES", "GroupScalars", "ParamGroup", "check_value",
+           "group_value"]
 
 SCALAR_NAMES = ("lr", "beta1", "beta2", "eps", "weight_decay", "eps_root")
+# The group keys that hold them ("betas" holds two).
+GROUP_KEYS = ("lr", "betas", "eps", "weight_decay", "eps_root")
 # Keys that torch.optim.AdamW's groups lack; a group loaded from its checkpoints gets the default.
 OPTIONAL_DEFAULTS = {"eps_root": 0.0}
 
@@ -39,24 +45,23 @@ _RANGES = {
 }
 
 
+def _names_of(key: str) -> tuple[str, ...]:
+    return ("beta1", "beta2") if key == "betas" else (key,)
+
+
+def _split(key: str, value: Any) -> dict[str, Any]:
+    """``{name: value}`` for the scalars that group key ``key`` holds."""
+    if key != "betas":
+        return {key: value}
+    if not isinstance(value, (tuple, list)) or len(value) != 2:
+        raise ValueError(f"betas must be a pair (beta1, beta2), got {value!r}")
+    return dict(zip(_names_of(key), value))
+
+
 def group_value(group: dict[str, Any], name: str) -> Any:
-    if name in ("beta1", "beta2"):
-        betas = group["betas"]
-        if not isinstance(betas, (tuple, list)) or len(betas) != 2:
-            raise ValueError(f"betas must be a pair (beta1, beta2), got {betas!r}")
-        return betas[name == "beta2"]
-    if name in OPTIONAL_DEFAULTS:
-        return group.get(name, OPTIONAL_DEFAULTS[name])
-    return group[name]
-
-
-def set_group_value(group: dict[str, Any], name: str, value: Any) -> None:
-    if name in ("beta1", "beta2"):
-        betas = list(group["betas"])
-        betas[name == "beta2"] = value
-        group["betas"] = tuple(betas)
-    else:
-        group[name] = value
+    key = "betas" if name in ("beta1", "beta2") else name
+    value = group.get(key, OPTIONAL_DEFAULTS.get(key)) if key in OPTIONAL_DEFAULTS else group[key]
+    return _split(key, value)[name]
 
 
 def check_value(name: str, value: Any, where: str = "") -> float:
@@ -65,17 +70,8 @@ def check_value(name: str, value: Any, where: str = "") -> float:
     Reads a tensor's value (a host sync): call it when groups are added or loaded, not per step.
     """
     prefix = f"{where}: " if where else ""
-    if isinstance(value, Tensor):
-        if value.numel() != 1:
-            raise ValueError(f"{prefix}{name} must be a float or a 1-element tensor, "
-                             f"got a tensor of shape {tuple(value.shape)}")
-        if not (value.is_floating_point() or value.dtype in (torch.int32, torch.int64)):
-            raise ValueError(f"{prefix}{name} must be a floating-point tensor, got {value.dtype}")
-        number = value.item()
-    elif isinstance(value, Real) and not isinstance(value, bool):
-        number = float(value)
-    else:
-        raise ValueError(f"{prefix}{name} must be a float or a 1-element tensor, got {value!r}")
+    _check_kind(name, value, prefix)
+    number = value.item() if isinstance(value, Tensor) else float(value)
     low, high, rule = _RANGES[name]
     in_range = low <= number < high if high == 1.0 else low <= number
     if not in_range:
@@ -83,71 +79,101 @@ def check_value(name: str, value: Any, where: str = "") -> float:
     return number
 
 
+def _check_kind(name: str, value: Any, prefix: str) -> None:
+    if isinstance(value, Tensor):
+        if value.numel() != 1:
+            raise ValueError(f"{prefix}{name} must be a float or a 1-element tensor, "
+                             f"got a tensor of shape {tuple(value.shape)}")
+        if not (value.is_floating_point() or value.dtype in (torch.int32, torch.int64)):
+            raise ValueError(f"{prefix}{name} must be a floating-point tensor, got {value.dtype}")
+    elif not isinstance(value, Real) or isinstance(value, bool):
+        raise ValueError(f"{prefix}{name} must be a float or a 1-element tensor, got {value!r}")
+
+
 class GroupScalars:
-    """The 0-dim tensors holding one group's hyperparameters (Note [hyperparameters are tensors])."""
+    """One group's hyperparameters as the step reads them (Note [a group holds what the user gave]):
+    our float64 vector for the floats, and the user's tensors, read as they are."""
 
     def __init__(self, group: dict[str, Any], device: torch.device, where: str):
-        self.device = device
-        values = [group_value(group, name) for name in SCALAR_NAMES]
-        numbers = [check_value(name, value, where) for name, value in zip(SCALAR_NAMES, values)]
+        self.device, self.where = device, where
+        values = {name: group_value(group, name) for name in SCALAR_NAMES}
+        numbers = [check_value(name, value, where) for name, value in values.items()]
+        for name, value in values.items():
+            self._check_device(name, value)
         self.vector = torch.tensor(numbers, dtype=torch.float64, device=device)
-        self.tensors: dict[str, Tensor] = {}
-        for index, (name, value) in enumerate(zip(SCALAR_NAMES, values)):
-            if isinstance(value, Tensor):
-                self.tensors[name] = self._checked_tensor(name, value, where)
+        self.tensors = {name: value for name, value in values.items() if isinstance(value, Tensor)}
+
+    def _check_device(self, name: str, value: Any) -> None:
+        if isinstance(value, Tensor) and value.device != self.device:
+            raise ValueError(f"{self.where}: {name} is a tensor on {value.device}, but the group's "
+                             f"params are on {self.device}")
+
+    def assign(self, key: str, value: Any) -> Any:
+        """Validate a new value for group key ``key`` and make the step use it; returns what the
+        group should hold. Raises (naming the group and key) before anything changes.
+
+        Floats are range-checked; a tensor's value is not read (that would be a host sync), only
+        its shape, dtype and device."""
+        values = _split(key, value)
+        for name, item in values.items():
+            if isinstance(item, Tensor):
+                _check_kind(name, item, f"{self.where}: ")
+                self._check_device(name, item)
             else:
-                self.tensors[name] = self.vector[index]
-            set_group_value(group, name, self.tensors[name])
-
-    def _checked_tensor(self, name: str, value: Tensor, where: str) -> Tensor:
-        if value.device != self.device:
-            raise ValueError(f"{where}: {name} is a tensor on {value.device}, but the group's params "
-                             f"are on {self.device}")
-        return value.reshape(()) if value.dim() else value
-
-    def pending(self, group: dict[str, Any], where: str) -> list[tuple[str, Any]]:
-        """The group values that differ from the held tensors, validated; nothing is written."""
-        changes = []
-        for name in SCALAR_NAMES:
-            value = group_value(group, name)
-            if value is self.tensors[name]:
-                continue
-            if isinstance(value, Tensor):
-                if value.numel() != 1:
-                    raise ValueError(f"{where}: {name} must be a float or a 1-element tensor, got a "
-                                     f"tensor of shape {tuple(value.shape)}")
-                value = self._checked_tensor(name, value, where)
+                check_value(name, item, self.where)
+        for name, item in values.items():
+            if isinstance(item, Tensor):
+                self.tensors[name] = item
             else:
-                check_value(name, value, where)
-            changes.append((name, value))
-        return changes
+                self.tensors.pop(name, None)
+                self.vector[SCALAR_NAMES.index(name)].fill_(float(item))
+        return tuple(value) if key == "betas" else value
 
-    def apply(self, group: dict[str, Any], changes: list[tuple[str, Any]]) -> None:
-        """Write ``pending`` changes: floats into the held tensors, new tensors adopted as they are."""
-        for name, value in changes:
-            if isinstance(value, Tensor):
-                self.tensors[name] = value
-            else:
-                self.tensors[name].fill_(value)
-            set_group_value(group, name, self.tensors[name])
-
-    def load(self, group: dict[str, Any], where: str) -> None:
-        """Take a loaded group's values (floats or tensors) into the held tensors, in place."""
-        for name in SCALAR_NAMES:
-            value = group_value(group, name)
-            check_value(name, value, where)
-            self.tensors[name].copy_(torch.as_tensor(value, dtype=self.tensors[name].dtype))
-            set_group_value(group, name, self.tensors[name])
-
-    def floats(self) -> dict[str, float]:
-        return {name: t.item() for name, t in self.tensors.items()}
+    def move_to(self, device: torch.device) -> None:
+        """Follow the group's params to another device (``model.to(device)``)."""
+        self.device, self.vector = device, self.vector.to(device)
 
     def packed(self, device: torch.device) -> Tensor:
         """``[lr, beta1, beta2, eps, weight_decay, eps_root]`` as one 1-D tensor on ``device``: our
-        vector itself unless the user put tensors of their own in the group (then a differentiable
-        stack), copied only for a group whose params span devices."""
-        if all(t._base is self.vector for t in self.tensors.values()):
+        vector itself unless the group holds tensors of the user's (then a differentiable stack),
+        copied only for a group whose params span devices."""
+        if not self.tensors:
             packed = self.vector
         else:
-            packed = torch.stack([t.reshape(()).to(torch.float64) for t in self.tensors.values()])
+            packed = torch.stack([self.tensors[name].reshape(()).to(torch.float64) if name in self.tensors
+                                  else self.vector[index] for index, name in enumerate(SCALAR_NAMES)])
         return packed if packed.device == device else packed.to(device, non_blocking=True)
+
+
+class ParamGroup(dict):
+    """A param group (a ``dict``, as torch's) whose hyperparameter writes go through
+    :meth:`GroupScalars.assign` (Note [a group holds what the user gave])."""
+
+    def __init__(self, group: dict[str, Any], scalars: GroupScalars):
+        super().__init__(group)
+        self.scalars = scalars
+        for key in GROUP_KEYS:
+            if key in self:
+                dict.__setitem__(self, key, scalars.assign(key, self[key]))
+
+    def __setitem__(self, key: str, value: Any) -> None:
+        if key in GROUP_KEYS:
+            value = self.scalars.assign(key, value)
+        super().__setitem__(key, value)
+
+    def update(self, *args: Any, **kwargs: Any) -> None:
+        for key, value in dict(*args, **kwargs).items():
+            self[key] = value
+
+    def setdefault(self, key: str, default: Any = None) -> Any:
+        if key not in self:
+            self[key] = default
+        return self[key]
+
+    def __ior__(self, other: Iterable) -> ParamGroup:
+        self.update(other)
+        return self
+
+    def __reduce_ex__(self, protocol: int) -> Any:
+        # A copy or a pickle is a plain dict: writes into it must not reach this group's step.
+        return dict, (dict(self),)

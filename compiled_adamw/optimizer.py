@@ -1,20 +1,25 @@
 """``compiled_adamw.AdamW``: torch.optim.AdamW's API and numbers, with a compiled flat step.
 
 The class only keeps books -- groups, buckets, state, hooks, dispatch. The math is
-:mod:`compiled_adamw.update`, run per bucket by :mod:`compiled_adamw.kernels`; storage is
-:mod:`compiled_adamw.flat_bucket`; hyperparameter tensors are :mod:`compiled_adamw.hyperparameters`.
+:mod:`compiled_adamw.update`, run per bucket by :mod:`compiled_adamw.kernels`; where params',
+grads' and state's memory lives is :mod:`compiled_adamw.flat_bucket` (Note [where memory lives]);
+hyperparameter tensors and param groups are :mod:`compiled_adamw.hyperparameters`.
 """
 
 from __future__ import annotations
 
+import math
+import warnings
+from collections import defaultdict
 from typing import Any, Callable, Iterable
 
 import torch
 from torch import Tensor
 
-from .flat_bucket import STATE_KEYS, FlatBucket, check_grad, group_into_buckets
+from .flat_bucket import STATE_KEYS, FlatBucket, StepPlan, check_grad, group_into_buckets
 from .functional import group_key, step_together
-from .hyperparameters import OPTIONAL_DEFAULTS, SCALAR_NAMES, GroupScalars, check_value, group_value
+from .hyperparameters import (GROUP_KEYS, OPTIONAL_DEFAULTS, SCALAR_NAMES, GroupScalars, ParamGroup, check_value,
+                              group_value)
 from .kernels import coefficients_kernel, differentiable_kernel, update_kernel
 from .update import compute_dtype
 
@@ -24,10 +29,12 @@ __all__ = ["AdamW"]
 class AdamW(torch.optim.Optimizer):
     r"""AdamW with the API, state_dict format and numbers of :class:`torch.optim.AdamW`.
 
-    Each step updates all params of a group that share a device and dtype with one compiled
-    elementwise kernel over flat buffers (Note [flat buffers] in ``flat_bucket.py``). lr, betas,
-    eps, weight_decay and every step counter are 0-dim tensors on the params' device: no host sync,
-    no recompile when a scheduler changes a value, and the step can be graph-captured.
+    Each step updates the params of a group that share a device and dtype with a few calls of one
+    compiled elementwise kernel over flat state buffers (Note [where memory lives] in
+    ``flat_bucket.py``). lr, betas, eps, weight_decay and every step counter are tensors on the
+    params' device: no host sync, no recompile when a scheduler changes a value, and the step can
+    be graph-captured. Param groups hold what you assign, floats included, as torch's do
+    (Note [a group holds what the user gave] in ``hyperparameters.py``).
 
     The update, for step ``t`` (see :mod:`compiled_adamw.update` for the exact equations)::
 
@@ -37,7 +44,7 @@ class AdamW(torch.optim.Optimizer):
         params, lr, betas, eps, weight_decay, amsgrad, maximize: as in torch.optim.AdamW. ``amsgrad``
             and ``maximize`` are static: each combination compiles its own kernel.
         foreach, fused, capturable: accepted and stored for drop-in compatibility; they change
-            nothing, since the step is always one fused kernel per bucket and always capturable.
+            nothing, since the step is always a fused kernel and always capturable.
         differentiable: as in torch.optim.AdamW: ``step()`` runs with grad enabled and keeps
             autograd history through the update, to params (updated in place, so they must not
             be leaves that require grad), state, grads and tensor hyperparameters. No flat buffers
@@ -45,10 +52,10 @@ class AdamW(torch.optim.Optimizer):
             runs]).
         eps_root: keyword-only, ours (optax's and TorchOpt's): added under the square root, for
             finite meta-gradients where a gradient entry is 0 (Note [eps_root] in ``update.py``).
-            The default 0 gives torch's numbers exactly.
-        compile: keyword-only, ours. ``True`` (default) runs the step through ``torch.compile``
-            (Inductor); ``False`` runs the very same functions eagerly, for debugging or where no
-            compiler is available. Both give the same numbers.
+            The default 0 gives torch's numbers.
+        compile: keyword-only, ours. ``True`` runs the step through ``torch.compile`` (Inductor);
+            ``False`` runs the very same functions eagerly. The default is ``True``, except with
+            ``differentiable=True`` (Note [differentiable runs eagerly by default]).
     """
 
     def __init__(
@@ -66,7 +73,7 @@ class AdamW(torch.optim.Optimizer):
         differentiable: bool = False,
         fused: bool | None = None,
         eps_root: float | Tensor = 0.0,
-        compile: bool = True,
+        compile: bool | None = None,
     ):
         defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, amsgrad=amsgrad,
                         maximize=maximize, foreach=foreach, capturable=capturable,
@@ -74,14 +81,14 @@ class AdamW(torch.optim.Optimizer):
                         eps_root=eps_root)
         for name in SCALAR_NAMES:
             check_value(name, group_value(defaults, name))
-        self.compile = compile
         self.differentiable = bool(differentiable)
-        self._scalars: list[GroupScalars] = []
+        # Note [differentiable runs eagerly by default]: AOTAutograd's compiled backward is not
+        # itself differentiable and refuses retain_graph=True and vmap, so gradcheck (which uses
+        # both), second derivatives and batched grads would fail; measured, compiling bought
+        # nothing there (2.98 ms against 2.92 ms eager per inner step, README).
+        self.compile = (not self.differentiable) if compile is None else bool(compile)
         self._buckets: list[list[FlatBucket]] = []
         super().__init__(params, defaults)
-        self.register_state_dict_post_hook(_hyperparameters_as_floats, prepend=True)
-        if self.differentiable:
-            self.register_state_dict_post_hook(_unshared_steps)
 
     # ---- groups -------------------------------------------------------------------------------
 
@@ -93,27 +100,52 @@ class AdamW(torch.optim.Optimizer):
             if bool(group["differentiable"]) != self.differentiable:
                 raise ValueError(f"param_groups[{index}] has differentiable={group['differentiable']}, "
                                  f"the optimizer was built with differentiable={self.differentiable}")
+            seen: dict[Tensor, int] = {}
             for position, p in enumerate(group["params"]):
+                if p in seen:
+                    raise ValueError(f"{_param_name(index, position)} is the same tensor as "
+                                     f"{_param_name(index, seen[p])}; a param may appear once")
+                seen[p] = position
                 if not (p.is_floating_point() or p.is_complex()):
                     raise ValueError(f"{_param_name(index, position)} is {p.dtype}; AdamW needs "
                                      "floating-point or complex params")
             device = group["params"][0].device if group["params"] else torch.device("cpu")
-            scalars = GroupScalars(group, device, f"param_groups[{index}]")
+            group = ParamGroup(group, GroupScalars(group, device, f"param_groups[{index}]"))
         except Exception:
             self.param_groups.pop()
             raise
-        self._scalars.append(scalars)
-        if self.differentiable:
-            self._buckets.append([])  # no flat buffers: Note [differentiable runs]
-            return
-        with torch.no_grad():
-            self._buckets.append(group_into_buckets(group["params"], amsgrad=group["amsgrad"]))
+        self.param_groups[index] = group
+        with torch.no_grad():  # no flat buffers when differentiable: Note [differentiable runs]
+            self._buckets.append([] if self.differentiable
+                                 else group_into_buckets(group["params"], amsgrad=group["amsgrad"]))
+
+    # ---- copies and older checkpoints ---------------------------------------------------------
+
+    def __getstate__(self) -> dict[str, Any]:
+        """What ``copy.deepcopy``, ``pickle`` and ``torch.save(optimizer)`` keep: torch's fields
+        and our options; the buckets are rebuilt from them."""
+        return {**super().__getstate__(), "param_groups": [dict(g) for g in self.param_groups],
+                "compile": self.compile, "differentiable": self.differentiable}
 
     def __setstate__(self, state: dict[str, Any]) -> None:
+        """As torch.optim.AdamW's: fills what older checkpoints lack. torch's ``load_state_dict``
+        calls it too; an unpickled or copied optimizer (which has no buckets yet) is rebuilt."""
         super().__setstate__(state)
         for group in self.param_groups:
-            for key, default in OPTIONAL_DEFAULTS.items():
+            for key, default in {**_TORCH_DEFAULTS, **OPTIONAL_DEFAULTS}.items():
                 group.setdefault(key, default)
+            group["decoupled_weight_decay"] = True
+            group["differentiable"] = self.differentiable
+        if "_buckets" not in self.__dict__:
+            self._rebuild()
+
+    def _rebuild(self) -> None:
+        groups, state = self.param_groups, self.state
+        self.param_groups, self.state, self._buckets = [], defaultdict(dict), []
+        for group in groups:
+            self.add_param_group(group)
+        self.state.update(state)
+        self._load_state_into_buckets()
 
     # ---- the step -----------------------------------------------------------------------------
 
@@ -125,47 +157,41 @@ class AdamW(torch.optim.Optimizer):
                 loss = closure()
         tracing = torch.compiler.is_compiling()
         with torch.no_grad():
-            changes = self._pending_hyperparameters()
             plans = []
             for index, group in enumerate(self.param_groups):
-                plans.append([bucket.plan(_namer(index), tracing=tracing)
-                              for bucket in self._buckets[index]])
+                plans.append([bucket.plan(_namer(index), tracing=tracing) for bucket in self._buckets[index]])
                 if self.differentiable:
                     _check_differentiable_group(index, group)
             # Everything above only reads; from here on, nothing raises on bad input.
-            self._apply_hyperparameters(changes)
             for index, group in enumerate(self.param_groups):
+                if any(plan.changed for plan in plans[index]):
+                    plans[index] = self._rebuild_buckets(index)
                 for bucket, plan in zip(self._buckets[index], plans[index]):
-                    self._step_bucket(group, self._scalars[index], bucket, plan, tracing)
+                    self._step_bucket(group, bucket, plan, tracing)
         if self.differentiable:
             with torch.enable_grad():
-                for group, scalars in zip(self.param_groups, self._scalars):
-                    self._step_differentiable(group, scalars, tracing)
+                for group in self.param_groups:
+                    self._step_differentiable(group, tracing)
         return loss
 
-    def sync_hyperparameters(self) -> None:
-        """Write floats assigned to the groups (``group["lr"] = 0.1``) into the groups' tensors now.
+    def _rebuild_buckets(self, index: int) -> list[StepPlan]:
+        """A param of group ``index`` changed dtype, device or shape (``model.half()``,
+        ``model.to(...)``): new buckets at the params' new home, the state carried over as
+        ``load_state_dict`` would carry it (cast to the param's dtype, on its device)."""
+        group = self.param_groups[index]
+        carried = {p: dict(self.state[p]) for p in group["params"] if p in self.state}
+        self._buckets[index] = group_into_buckets(group["params"], amsgrad=group["amsgrad"])
+        for bucket in self._buckets[index]:
+            bucket.load_state(carried, self.state)
+        if group["params"]:
+            group.scalars.move_to(group["params"][0].device)
+        return [bucket.plan(_namer(index), tracing=False) for bucket in self._buckets[index]]
 
-        ``step()`` does this itself; call it before capturing or replaying a CUDA graph, whose
-        replay runs no Python (Note [floats between replays] in ``capture.py``).
-        """
-        with torch.no_grad():
-            self._apply_hyperparameters(self._pending_hyperparameters())
-
-    def _pending_hyperparameters(self) -> list[list[tuple[str, Any]]]:
-        return [scalars.pending(group, f"param_groups[{index}]")
-                for index, (group, scalars) in enumerate(zip(self.param_groups, self._scalars))]
-
-    def _apply_hyperparameters(self, changes: list[list[tuple[str, Any]]]) -> None:
-        for group, scalars, group_changes in zip(self.param_groups, self._scalars, changes):
-            scalars.apply(group, group_changes)
-
-    def _step_bucket(self, group: dict[str, Any], scalars: GroupScalars, bucket: FlatBucket,
-                     plan: Any, tracing: bool) -> None:
+    def _step_bucket(self, group: dict[str, Any], bucket: FlatBucket, plan: StepPlan, tracing: bool) -> None:
         amsgrad, maximize = bool(group["amsgrad"]), bool(group["maximize"])
         bucket.set_amsgrad(amsgrad)
         dtype, device_type = compute_dtype(bucket.dtype), bucket.device.type
-        hyperparameters = scalars.packed(bucket.device)
+        hyperparameters = group.scalars.packed(bucket.device)
         # Inside a user's torch.compile, the outer compiler traces the plain functions.
         compiled = self.compile and not tracing
         coefficients = coefficients_kernel(device_type, dtype, compiled)
@@ -173,10 +199,9 @@ class AdamW(torch.optim.Optimizer):
             plan, self.state,
             lambda step: coefficients(step, hyperparameters),
             update_kernel(device_type, bucket.real_dtype, amsgrad, maximize, compiled),
-            tracing=tracing,
         )
 
-    def _step_differentiable(self, group: dict[str, Any], scalars: GroupScalars, tracing: bool) -> None:
+    def _step_differentiable(self, group: dict[str, Any], tracing: bool) -> None:
         """Note [differentiable runs]: params whose state shares one step tensor (they have always
         been stepped together, which the host knows without reading a value) and a dtype are
         stepped by one call of :func:`~compiled_adamw.functional.step_together`. Params are
@@ -187,7 +212,7 @@ class AdamW(torch.optim.Optimizer):
         runs: dict[tuple, list[Tensor]] = {}
         fresh_steps: dict[torch.device, Tensor] = {}
         for p in group["params"]:
-            if p.grad is None:
+            if _grad_of(p) is None:
                 continue
             state = self.state[p]
             if not state:
@@ -202,12 +227,12 @@ class AdamW(torch.optim.Optimizer):
         hyperparameters: dict[torch.device, Tensor] = {}
         for (_, real_dtype, _, device), members in runs.items():
             if device not in hyperparameters:
-                hyperparameters[device] = scalars.packed(device)
+                hyperparameters[device] = group.scalars.packed(device)
             states = [self.state[p] for p in members]
             # A new tensor, not add_: the step may have saved the old one for backward.
             step = states[0]["step"].detach() + 1
             new = step_together(
-                members, [p.grad for p in members], *([s[key] for s in states] for key in STATE_KEYS[:2]),
+                members, [_grad_of(p) for p in members], *([s[key] for s in states] for key in STATE_KEYS[:2]),
                 [s["max_exp_avg_sq"] for s in states] if amsgrad else None, step, hyperparameters[device],
                 amsgrad=amsgrad, maximize=maximize,
                 kernel=differentiable_kernel(device.type, real_dtype, amsgrad, maximize, compiled))
@@ -219,29 +244,40 @@ class AdamW(torch.optim.Optimizer):
                     if value is not None:
                         state[key] = value
 
-    def zero_grad(self, set_to_none: bool = True) -> None:
-        """As torch's; with ``set_to_none=False`` a bucket whose grads are in place is one fill."""
-        if set_to_none:
-            return super().zero_grad(set_to_none=True)
-        with torch.no_grad():
-            if not all([bucket.zero_grads() for buckets in self._buckets for bucket in buckets]):
-                super().zero_grad(set_to_none=False)
-
     # ---- state dict ---------------------------------------------------------------------------
+
+    def state_dict(self) -> dict[str, Any]:
+        state_dict = super().state_dict()
+        if self.differentiable:
+            _unshare_steps(state_dict)
+        return state_dict
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """As torch's, but the whole checkpoint is validated before anything changes, and the
-        loaded state is copied into the existing flat buffers and hyperparameter tensors."""
-        handle = self.register_load_state_dict_pre_hook(_validate_checkpoint)
+        loaded values are copied into the existing buffers and hyperparameter vectors (a captured
+        CUDA graph keeps reading them); the user's load post-hooks see the loaded optimizer."""
+        scalars = [group.scalars for group in self.param_groups]
+
+        def finish(optimizer: AdamW) -> None:
+            for index, group in enumerate(optimizer.param_groups):
+                for key in GROUP_KEYS:
+                    group[key] = _on_device(group[key], scalars[index].device)
+                optimizer.param_groups[index] = ParamGroup(group, scalars[index])
+            optimizer._load_state_into_buckets()
+
+        validate = self.register_load_state_dict_pre_hook(_validate_checkpoint)
+        finished = self.register_load_state_dict_post_hook(finish, prepend=True)
         try:
             super().load_state_dict(state_dict)
         finally:
-            handle.remove()
+            validate.remove()
+            finished.remove()
+
+    def _load_state_into_buckets(self) -> None:
         with torch.no_grad():
             loaded = dict(self.state)
-            for index, group in enumerate(self.param_groups):
-                self._scalars[index].load(group, f"param_groups[{index}]")
-                for bucket in self._buckets[index]:
+            for group, buckets in zip(self.param_groups, self._buckets):
+                for bucket in buckets:
                     bucket.set_amsgrad(bool(group["amsgrad"]))
                     bucket.load_state(loaded, self.state)
             if self.differentiable:
@@ -252,9 +288,30 @@ def _param_name(group: int, position: int) -> str:
     return f"param_groups[{group}]['params'][{position}]"
 
 
+# What torch.optim.AdamW's __setstate__ gives a group that an older checkpoint lacks.
+_TORCH_DEFAULTS = {"amsgrad": False, "maximize": False, "foreach": None, "capturable": False, "fused": None}
+
+
+def _grad_of(p: Tensor) -> Tensor | None:
+    """``p.grad`` without autograd's warning for a non-leaf param that has none (a differentiable
+    step's params are non-leaf; their grads are set by hand)."""
+    if p.is_leaf or p.retains_grad:
+        return p.grad
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", "The .grad attribute of a Tensor that is not a leaf", UserWarning)
+        return p.grad
+
+
+def _on_device(value: Any, device: torch.device) -> Any:
+    """A loaded hyperparameter on the params' device: a checkpoint's tensor is nobody else's."""
+    if isinstance(value, (tuple, list)):
+        return type(value)(_on_device(v, device) for v in value)
+    return value.to(device) if isinstance(value, Tensor) and value.device != device else value
+
+
 def _check_differentiable_group(index: int, group: dict[str, Any]) -> None:
     for position, p in enumerate(group["params"]):
-        if p.grad is None:
+        if _grad_of(p) is None:
             continue
         name = _param_name(index, position)
         if p.is_leaf and p.requires_grad:
@@ -262,27 +319,18 @@ def _check_differentiable_group(index: int, group: dict[str, Any]) -> None:
                 f"{name} is a leaf tensor that requires grad; differentiable=True updates params in "
                 "place, which autograd forbids for such leaves. Step non-leaf copies (w = w0.clone()) "
                 "or use compiled_adamw.functional.update, which returns new params")
-        check_grad(name, p.grad, p.device, p.dtype, p.shape)
+        check_grad(name, _grad_of(p), p.device, p.dtype, p.shape)
 
 
 def _namer(group: int) -> Callable[[int], str]:
     return lambda position: _param_name(group, position)
 
 
-def _hyperparameters_as_floats(optimizer: AdamW, state_dict: dict[str, Any]) -> None:
-    """Checkpoints hold Python floats, as torch.optim.AdamW(lr=float) writes them, so they load
-    into any torch.optim.AdamW configuration; loading writes them back into our tensors."""
-    for group, scalars in zip(state_dict["param_groups"], optimizer._scalars):
-        values = scalars.floats()
-        group.update(lr=values["lr"], betas=(values["beta1"], values["beta2"]), eps=values["eps"],
-                     weight_decay=values["weight_decay"], eps_root=values["eps_root"])
-
-
-def _unshared_steps(optimizer: AdamW, state_dict: dict[str, Any]) -> None:
+def _unshare_steps(state_dict: dict[str, Any]) -> None:
     """Each param gets its own step tensor in a checkpoint (Note [differentiable runs] shares
     them): torch.optim.AdamW increments its step tensors in place."""
     for values in state_dict["state"].values():
-        if isinstance(values.get("step"), Tensor):
+        if isinstance(values, dict) and isinstance(values.get("step"), Tensor):
             values["step"] = values["step"].clone()
 
 
@@ -291,7 +339,7 @@ def _share_equal_steps(optimizer: AdamW) -> None:
     are stepped together (Note [differentiable runs]). Reads each count on the host, once."""
     shared: dict[tuple, Tensor] = {}
     for p, state in optimizer.state.items():
-        if "step" in state:
+        if isinstance(p, Tensor) and isinstance(state, dict) and "step" in state:
             step = torch.as_tensor(state["step"], dtype=torch.float32, device=p.device)
             state["step"] = shared.setdefault((float(step), p.device), step)
 
@@ -332,6 +380,9 @@ def _validate_param_state(values: Any, param: Tensor, amsgrad: bool, where: str)
     step = values["step"]
     if not ((isinstance(step, Tensor) and step.numel() == 1) or isinstance(step, (int, float))):
         raise ValueError(f"{where}['step'] must be a number or a 1-element tensor, got {step!r}")
+    count = float(step)
+    if not (math.isfinite(count) and count >= 0 and count == int(count)):
+        raise ValueError(f"{where}['step'] is {count}; a step count is a whole number >= 0")
     for key in STATE_KEYS:
         if key not in values:
             continue
