@@ -245,7 +245,8 @@ class FlatBucket:
         # Pointers cannot be read while tracing: a user's compile trusts the params to be home.
         if not tracing and not self._all_home():
             away, changed = self._find_away(where)
-        if not self._grads_fit(grads, present) or changed:
+        # While tracing, the check costs trace time only, and attrgetter cannot be traced.
+        if tracing or changed or not self._grads_fit(grads, present):
             for i, (param, grad) in enumerate(zip(self.params, grads)):
                 if grad is not None:
                     check_grad(where(self.positions[i]), grad, param.device, param.dtype, param.shape)

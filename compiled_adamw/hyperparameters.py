@@ -26,12 +26,14 @@ from typing import Any, Iterable
 import torch
 from torch import Tensor
 
-__all__ = ["GROUP_KEYS", "OPTIONAL_DEFAULTS", "SCALAR_NAMES", "GroupScalars", "ParamGroup", "check_value",
-           "group_value"]
+__all__ = ["GROUP_KEYS", "OPTIONAL_DEFAULTS", "SCALAR_NAMES", "STRUCTURAL_KEYS", "GroupSettings", "ParamGroup",
+           "check_value", "group_value"]
 
 SCALAR_NAMES = ("lr", "beta1", "beta2", "eps", "weight_decay", "eps_root")
 # The group keys that hold them ("betas" holds two).
 GROUP_KEYS = ("lr", "betas", "eps", "weight_decay", "eps_root")
+# Options that specialize the compiled step (Python constants).
+STRUCTURAL_KEYS = ("amsgrad", "maximize")
 # Keys that torch.optim.AdamW's groups lack; a group loaded from its checkpoints gets the default.
 OPTIONAL_DEFAULTS = {"eps_root": 0.0}
 
@@ -49,12 +51,12 @@ def _names_of(key: str) -> tuple[str, ...]:
     return ("beta1", "beta2") if key == "betas" else (key,)
 
 
-def _split(key: str, value: Any) -> dict[str, Any]:
+def _split(key: str, value: Any, where: str = "") -> dict[str, Any]:
     """``{name: value}`` for the scalars that group key ``key`` holds."""
     if key != "betas":
         return {key: value}
     if not isinstance(value, (tuple, list)) or len(value) != 2:
-        raise ValueError(f"betas must be a pair (beta1, beta2), got {value!r}")
+        raise ValueError(f"{where}{': ' if where else ''}betas must be a pair (beta1, beta2), got {value!r}")
     return dict(zip(_names_of(key), value))
 
 
@@ -90,12 +92,15 @@ def _check_kind(name: str, value: Any, prefix: str) -> None:
         raise ValueError(f"{prefix}{name} must be a float or a 1-element tensor, got {value!r}")
 
 
-class GroupScalars:
-    """One group's hyperparameters as the step reads them (Note [a group holds what the user gave]):
-    our float64 vector for the floats, and the user's tensors, read as they are."""
+class GroupSettings:
+    """One group as the step reads it (Note [a group holds what the user gave]): the structural
+    options, our float64 vector for the float hyperparameters, and the user's tensors, read as
+    they are. The step never reads the group dict itself: inside a user's ``torch.compile``,
+    Dynamo rewrites optimizers' param groups when they are read (it marks them capturable)."""
 
     def __init__(self, group: dict[str, Any], device: torch.device, where: str):
         self.device, self.where = device, where
+        self.amsgrad, self.maximize = bool(group["amsgrad"]), bool(group["maximize"])
         values = {name: group_value(group, name) for name in SCALAR_NAMES}
         numbers = [check_value(name, value, where) for name, value in values.items()]
         for name, value in values.items():
@@ -114,7 +119,7 @@ class GroupScalars:
 
         Floats are range-checked; a tensor's value is not read (that would be a host sync), only
         its shape, dtype and device."""
-        values = _split(key, value)
+        values = _split(key, value, self.where)
         for name, item in values.items():
             if isinstance(item, Tensor):
                 _check_kind(name, item, f"{self.where}: ")
@@ -147,18 +152,19 @@ class GroupScalars:
 
 class ParamGroup(dict):
     """A param group (a ``dict``, as torch's) whose hyperparameter writes go through
-    :meth:`GroupScalars.assign` (Note [a group holds what the user gave])."""
+    :meth:`GroupSettings.assign` (Note [a group holds what the user gave])."""
 
-    def __init__(self, group: dict[str, Any], scalars: GroupScalars):
-        super().__init__(group)
-        self.scalars = scalars
-        for key in GROUP_KEYS:
-            if key in self:
-                dict.__setitem__(self, key, scalars.assign(key, self[key]))
+    def __init__(self, group: dict[str, Any], settings: GroupSettings):
+        super().__init__()
+        self.settings = settings
+        for key, value in group.items():
+            self[key] = value
 
     def __setitem__(self, key: str, value: Any) -> None:
         if key in GROUP_KEYS:
-            value = self.scalars.assign(key, value)
+            value = self.settings.assign(key, value)
+        elif key in STRUCTURAL_KEYS:
+            setattr(self.settings, key, bool(value))
         super().__setitem__(key, value)
 
     def update(self, *args: Any, **kwargs: Any) -> None:

@@ -18,7 +18,7 @@ from torch import Tensor
 
 from .flat_bucket import STATE_KEYS, FlatBucket, StepPlan, check_grad, group_into_buckets
 from .functional import group_key, step_together
-from .hyperparameters import (GROUP_KEYS, OPTIONAL_DEFAULTS, SCALAR_NAMES, GroupScalars, ParamGroup, check_value,
+from .hyperparameters import (GROUP_KEYS, OPTIONAL_DEFAULTS, SCALAR_NAMES, GroupSettings, ParamGroup, check_value,
                               group_value)
 from .kernels import coefficients_kernel, differentiable_kernel, update_kernel
 from .update import compute_dtype
@@ -87,6 +87,7 @@ class AdamW(torch.optim.Optimizer):
         # both), second derivatives and batched grads would fail; measured, compiling bought
         # nothing there (2.98 ms against 2.92 ms eager per inner step, README).
         self.compile = (not self.differentiable) if compile is None else bool(compile)
+        self._settings: list[GroupSettings] = []  # what the step reads of each group
         self._buckets: list[list[FlatBucket]] = []
         super().__init__(params, defaults)
 
@@ -110,11 +111,13 @@ class AdamW(torch.optim.Optimizer):
                     raise ValueError(f"{_param_name(index, position)} is {p.dtype}; AdamW needs "
                                      "floating-point or complex params")
             device = group["params"][0].device if group["params"] else torch.device("cpu")
-            group = ParamGroup(group, GroupScalars(group, device, f"param_groups[{index}]"))
+            settings = GroupSettings(group, device, f"param_groups[{index}]")
+            group = ParamGroup(group, settings)
         except Exception:
             self.param_groups.pop()
             raise
         self.param_groups[index] = group
+        self._settings.append(settings)
         with torch.no_grad():  # no flat buffers when differentiable: Note [differentiable runs]
             self._buckets.append([] if self.differentiable
                                  else group_into_buckets(group["params"], amsgrad=group["amsgrad"]))
@@ -141,7 +144,7 @@ class AdamW(torch.optim.Optimizer):
 
     def _rebuild(self) -> None:
         groups, state = self.param_groups, self.state
-        self.param_groups, self.state, self._buckets = [], defaultdict(dict), []
+        self.param_groups, self.state, self._settings, self._buckets = [], defaultdict(dict), [], []
         for group in groups:
             self.add_param_group(group)
         self.state.update(state)
@@ -156,22 +159,22 @@ class AdamW(torch.optim.Optimizer):
             with torch.enable_grad():
                 loss = closure()
         tracing = torch.compiler.is_compiling()
+        if self.differentiable:
+            for index, group in enumerate(self.param_groups):
+                _check_differentiable_group(index, group)
+            with torch.enable_grad():
+                for group, settings in zip(self.param_groups, self._settings):
+                    self._step_differentiable(group["params"], settings, tracing)
+            return loss
         with torch.no_grad():
-            plans = []
-            for index, group in enumerate(self.param_groups):
-                plans.append([bucket.plan(_namer(index), tracing=tracing) for bucket in self._buckets[index]])
-                if self.differentiable:
-                    _check_differentiable_group(index, group)
+            plans = [[bucket.plan(_namer(index), tracing=tracing) for bucket in buckets]
+                     for index, buckets in enumerate(self._buckets)]
             # Everything above only reads; from here on, nothing raises on bad input.
-            for index, group in enumerate(self.param_groups):
+            for index, settings in enumerate(self._settings):
                 if any(plan.changed for plan in plans[index]):
                     plans[index] = self._rebuild_buckets(index)
                 for bucket, plan in zip(self._buckets[index], plans[index]):
-                    self._step_bucket(group, bucket, plan, tracing)
-        if self.differentiable:
-            with torch.enable_grad():
-                for group in self.param_groups:
-                    self._step_differentiable(group, tracing)
+                    self._step_bucket(settings, bucket, plan, tracing)
         return loss
 
     def _rebuild_buckets(self, index: int) -> list[StepPlan]:
@@ -184,14 +187,14 @@ class AdamW(torch.optim.Optimizer):
         for bucket in self._buckets[index]:
             bucket.load_state(carried, self.state)
         if group["params"]:
-            group.scalars.move_to(group["params"][0].device)
+            self._settings[index].move_to(group["params"][0].device)
         return [bucket.plan(_namer(index), tracing=False) for bucket in self._buckets[index]]
 
-    def _step_bucket(self, group: dict[str, Any], bucket: FlatBucket, plan: StepPlan, tracing: bool) -> None:
-        amsgrad, maximize = bool(group["amsgrad"]), bool(group["maximize"])
+    def _step_bucket(self, settings: GroupSettings, bucket: FlatBucket, plan: StepPlan, tracing: bool) -> None:
+        amsgrad, maximize = settings.amsgrad, settings.maximize
         bucket.set_amsgrad(amsgrad)
         dtype, device_type = compute_dtype(bucket.dtype), bucket.device.type
-        hyperparameters = group.scalars.packed(bucket.device)
+        hyperparameters = settings.packed(bucket.device)
         # Inside a user's torch.compile, the outer compiler traces the plain functions.
         compiled = self.compile and not tracing
         coefficients = coefficients_kernel(device_type, dtype, compiled)
@@ -201,17 +204,17 @@ class AdamW(torch.optim.Optimizer):
             update_kernel(device_type, bucket.real_dtype, amsgrad, maximize, compiled),
         )
 
-    def _step_differentiable(self, group: dict[str, Any], tracing: bool) -> None:
+    def _step_differentiable(self, params: list[Tensor], settings: GroupSettings, tracing: bool) -> None:
         """Note [differentiable runs]: params whose state shares one step tensor (they have always
         been stepped together, which the host knows without reading a value) and a dtype are
         stepped by one call of :func:`~compiled_adamw.functional.step_together`. Params are
         written in place (``copy_`` keeps their identity and records the history); state entries
         are replaced by the new tensors, and the members of a run get one new step tensor."""
-        amsgrad, maximize = bool(group["amsgrad"]), bool(group["maximize"])
+        amsgrad, maximize = settings.amsgrad, settings.maximize
         compiled = self.compile and not tracing
         runs: dict[tuple, list[Tensor]] = {}
         fresh_steps: dict[torch.device, Tensor] = {}
-        for p in group["params"]:
+        for p in params:
             if _grad_of(p) is None:
                 continue
             state = self.state[p]
@@ -227,7 +230,7 @@ class AdamW(torch.optim.Optimizer):
         hyperparameters: dict[torch.device, Tensor] = {}
         for (_, real_dtype, _, device), members in runs.items():
             if device not in hyperparameters:
-                hyperparameters[device] = group.scalars.packed(device)
+                hyperparameters[device] = settings.packed(device)
             states = [self.state[p] for p in members]
             # A new tensor, not add_: the step may have saved the old one for backward.
             step = states[0]["step"].detach() + 1
@@ -256,13 +259,11 @@ class AdamW(torch.optim.Optimizer):
         """As torch's, but the whole checkpoint is validated before anything changes, and the
         loaded values are copied into the existing buffers and hyperparameter vectors (a captured
         CUDA graph keeps reading them); the user's load post-hooks see the loaded optimizer."""
-        scalars = [group.scalars for group in self.param_groups]
-
         def finish(optimizer: AdamW) -> None:
-            for index, group in enumerate(optimizer.param_groups):
+            for index, (group, settings) in enumerate(zip(optimizer.param_groups, optimizer._settings)):
                 for key in GROUP_KEYS:
-                    group[key] = _on_device(group[key], scalars[index].device)
-                optimizer.param_groups[index] = ParamGroup(group, scalars[index])
+                    group[key] = _on_device(group[key], settings.device)
+                optimizer.param_groups[index] = ParamGroup(group, settings)
             optimizer._load_state_into_buckets()
 
         validate = self.register_load_state_dict_pre_hook(_validate_checkpoint)
@@ -276,9 +277,9 @@ class AdamW(torch.optim.Optimizer):
     def _load_state_into_buckets(self) -> None:
         with torch.no_grad():
             loaded = dict(self.state)
-            for group, buckets in zip(self.param_groups, self._buckets):
+            for settings, buckets in zip(self._settings, self._buckets):
                 for bucket in buckets:
-                    bucket.set_amsgrad(bool(group["amsgrad"]))
+                    bucket.set_amsgrad(settings.amsgrad)
                     bucket.load_state(loaded, self.state)
             if self.differentiable:
                 _share_equal_steps(self)

@@ -30,7 +30,7 @@ _OPTIONS: dict[str, dict[str, Any]] = {
     "default": {},
     "amsgrad": {"amsgrad": True},
     "maximize": {"maximize": True},
-    "differentiable": {"differentiable": True},
+    "differentiable": {"differentiable": True, "compile": True},
     "bfloat16": {},
     "several-groups": {},
 }
