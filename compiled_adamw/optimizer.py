@@ -94,7 +94,9 @@ class AdamW(torch.optim.Optimizer):
     # ---- groups -------------------------------------------------------------------------------
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
-        super().add_param_group(param_group)
+        with warnings.catch_warnings():  # we refuse duplicates below, naming them
+            warnings.filterwarnings("ignore", "optimizer contains a parameter group with duplicate parameters")
+            super().add_param_group(param_group)
         index = len(self.param_groups) - 1
         group = self.param_groups[index]
         try:

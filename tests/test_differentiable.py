@@ -25,7 +25,7 @@ def _flag_id(flags: tuple[bool, bool]) -> str:
     return "-".join(name for name, on in zip(("amsgrad", "maximize"), flags) if on) or "plain"
 
 
-def _one_step(amsgrad: bool, maximize: bool, compile: bool, param, grad, exp_avg, exp_avg_sq,
+def _one_step(amsgrad: bool, maximize: bool, compile: bool | None, param, grad, exp_avg, exp_avg_sq,
               max_exp_avg_sq, lr, beta1, beta2, eps, weight_decay):
     """One step of the optimizer class from the given state, as a function of every input
     (torch's own gradcheck of differentiable optimizers does the same)."""
@@ -62,10 +62,12 @@ def test_gradcheck_one_step(flags, compile):
 
 
 @pytest.mark.parametrize("flags", FLAGS, ids=_flag_id)
-def test_gradgradcheck_one_step_eager(flags):
-    """Second derivatives (eager only: AOTAutograd's compiled backward is once-differentiable)."""
-    fn = functools.partial(_one_step, *flags, False)
-    assert torch.autograd.gradgradcheck(fn, _step_inputs())
+def test_default_settings_pass_gradcheck_gradgradcheck_and_batched_grads(flags):
+    """``AdamW(differentiable=True)`` as a user builds it (Note [differentiable runs eagerly by
+    default]): the standard checks, with retain_graph, create_graph and vmap, pass as they are."""
+    fn = functools.partial(_one_step, *flags, None)
+    assert torch.autograd.gradcheck(fn, _step_inputs(), check_batched_grad=True)
+    assert torch.autograd.gradgradcheck(fn, _step_inputs(), check_batched_grad=True)
 
 
 # ---- hypergradients over an unrolled least-squares problem -------------------------------------
