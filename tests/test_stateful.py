@@ -1,0 +1,197 @@
+"""Ours against torch.optim.AdamW under random sequences of operations (hypothesis, derandomized).
+
+Both optimizers own identical params of mixed shapes, dtypes and groups; every rule applies the
+same operation to both, and after each one everything a user can read back is compared: params,
+grads, every state entry, the groups and the state_dict. The budget is bounded so the suite stays
+fast; ``HYPOTHESIS_PROFILE=soak`` runs many more examples.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+
+import hypothesis.strategies as st
+import torch
+from hypothesis import HealthCheck, settings
+from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
+
+from compiled_adamw import AdamW
+
+from .configs import TOLERANCES
+
+settings.register_profile("ci", max_examples=60, stateful_step_count=25, derandomize=True, deadline=None,
+                          suppress_health_check=[HealthCheck.too_slow])
+settings.register_profile("soak", max_examples=300, stateful_step_count=40, derandomize=True, deadline=None,
+                          suppress_health_check=[HealthCheck.too_slow])
+
+# (shape, dtype, group): 0-dim, empty, channels-last, complex and float64 params across groups.
+PARAMS = [((3, 4), torch.float32, 0), ((), torch.float32, 0), ((2, 3, 2, 2), torch.float32, 0),
+          ((5,), torch.complex64, 1), ((0,), torch.float32, 1), ((2, 3), torch.float64, 1)]
+ADDED = [((4, 2), torch.float32), ((3,), torch.float64)]  # the group add_param_group brings mid-run
+KEYS = st.sampled_from(["lr", "weight_decay", "eps", "betas"])
+SIDES = ("ours", "torch")
+
+
+def _tensor(shape, dtype, generator):
+    x = torch.randn(shape, generator=generator, dtype=torch.float64)
+    if dtype.is_complex:
+        x = torch.complex(x, torch.randn(shape, generator=generator, dtype=torch.float64))
+    x = x.to(dtype)
+    return x.contiguous(memory_format=torch.channels_last) if x.dim() == 4 else x
+
+
+def _through_disk(state_dict):
+    buffer = io.BytesIO()
+    torch.save(state_dict, buffer)
+    buffer.seek(0)
+    return torch.load(buffer, weights_only=True)
+
+
+def _plain(value):
+    """A group value as a number (a tensor hyperparameter compares by value)."""
+    if isinstance(value, (tuple, list)):
+        return tuple(_plain(v) for v in value)
+    return value.item() if isinstance(value, torch.Tensor) else value
+
+
+def _comparable_group(group: dict) -> dict:
+    return {k: _plain(v) for k, v in group.items() if k not in ("params", "eps_root")}
+
+
+def _assert_close(mine, theirs, what: str) -> None:
+    real = mine.dtype.to_real() if mine.dtype.is_complex else mine.dtype
+    torch.testing.assert_close(mine, theirs, **TOLERANCES[real]["torch"], msg=lambda m: f"{what}: {m}")
+
+
+class OursAgainstTorch(RuleBasedStateMachine):
+    @initialize(amsgrad=st.booleans(), seed=st.integers(0, 2**16))
+    def build(self, amsgrad: bool, seed: int) -> None:
+        self.amsgrad = amsgrad
+        self.generator = torch.Generator().manual_seed(seed)
+        values = [_tensor(shape, dtype, self.generator) for shape, dtype, _ in PARAMS]
+        self.params = {side: [torch.nn.Parameter(v.clone()) for v in values] for side in SIDES}
+        # Group 1's lr is a tensor of the user's (float64, so torch's for-loop reads it exactly).
+        self.lr_tensors = {side: torch.tensor(3e-2, dtype=torch.float64) for side in SIDES}
+        self.optimizers = {side: self._optimizer(side) for side in SIDES}
+        self.schedulers = {side: torch.optim.lr_scheduler.ExponentialLR(self.optimizers[side], gamma=0.9)
+                           for side in SIDES}
+        self.added = False
+
+    def _groups(self, side: str) -> list[dict]:
+        params = self.params[side]
+        return [{"params": [p for p, (_, _, g) in zip(params, PARAMS) if g == 0]},
+                {"params": [p for p, (_, _, g) in zip(params, PARAMS) if g == 1], "lr": self.lr_tensors[side],
+                 "weight_decay": 0.1}]
+
+    def _optimizer(self, side: str, groups: list[dict] | None = None):
+        groups = self._groups(side) if groups is None else groups
+        if side == "ours":
+            return AdamW(groups, lr=1e-2, amsgrad=self.amsgrad, foreach=False)
+        return torch.optim.AdamW(groups, lr=1e-2, amsgrad=self.amsgrad, foreach=False)
+
+    # ---- operations ------------------------------------------------------------------------
+
+    @rule(present=st.integers(0, 2 ** (len(PARAMS) + len(ADDED)) - 1))
+    def step(self, present: int) -> None:
+        """A fresh grad for the params whose bit is set in ``present``; the others keep theirs."""
+        grads = [_tensor(p.shape, p.dtype, self.generator) if present >> i & 1 else None
+                 for i, p in enumerate(self.params["ours"])]
+        for side in SIDES:
+            for p, g in zip(self.params[side], grads):
+                if g is not None:
+                    p.grad = g.clone()
+            self.optimizers[side].step()
+
+    @rule(set_to_none=st.booleans())
+    def zero_grad(self, set_to_none: bool) -> None:
+        for side in SIDES:
+            self.optimizers[side].zero_grad(set_to_none=set_to_none)
+
+    @rule(group=st.integers(0, 1), key=KEYS, value=st.floats(0.0, 0.2))
+    def assign_a_float(self, group: int, key: str, value: float) -> None:
+        for side in SIDES:
+            target = self.optimizers[side].param_groups[group]
+            target[key] = (value * 4.5, target["betas"][1]) if key == "betas" else value
+
+    @rule(value=st.floats(0.0, 0.1))
+    def change_the_users_lr_tensor_in_place(self, value: float) -> None:
+        for side in SIDES:
+            self.lr_tensors[side].fill_(value)
+
+    @rule()
+    def scheduler_step(self) -> None:
+        for side in SIDES:
+            self.schedulers[side].step()
+
+    @rule(through_disk=st.booleans())
+    def round_trip_into_the_same_optimizer(self, through_disk: bool) -> None:
+        for side in SIDES:
+            state_dict = self.optimizers[side].state_dict()
+            self.optimizers[side].load_state_dict(_through_disk(state_dict) if through_disk else state_dict)
+
+    @rule()
+    def round_trip_into_a_fresh_optimizer(self) -> None:
+        for side in SIDES:
+            old, scheduler = self.optimizers[side], self.schedulers[side]
+            state_dict = _through_disk(old.state_dict())
+            groups = [{"params": g["params"]} for g in old.param_groups]
+            fresh = self._optimizer(side, groups)
+            fresh_scheduler = torch.optim.lr_scheduler.ExponentialLR(fresh, gamma=0.9)
+            fresh_scheduler.load_state_dict(scheduler.state_dict())
+            fresh.load_state_dict(state_dict)
+            self.optimizers[side], self.schedulers[side] = fresh, fresh_scheduler
+
+    @rule(into_ours=st.booleans())
+    def cross_load(self, into_ours: bool) -> None:
+        source, target = ("torch", "ours") if into_ours else ("ours", "torch")
+        state_dict = _through_disk(self.optimizers[source].state_dict())
+        self.optimizers[target].load_state_dict(state_dict)
+        # The source reloads its own checkpoint too, so both sides hold the same (rounded) values.
+        self.optimizers[source].load_state_dict(state_dict)
+        for side in SIDES:  # a loaded tensor lr is the checkpoint's, no longer the user's
+            group = self.optimizers[side].param_groups[1]
+            if isinstance(group["lr"], torch.Tensor):
+                self.lr_tensors[side] = group["lr"]
+
+    @precondition(lambda self: not self.added)
+    @rule()
+    def add_a_param_group(self) -> None:
+        values = [_tensor(shape, dtype, self.generator) for shape, dtype in ADDED]
+        for side in SIDES:
+            new = [torch.nn.Parameter(v.clone()) for v in values]
+            self.params[side].extend(new)
+            self.optimizers[side].add_param_group({"params": new, "lr": 5e-3})
+        self.added = True
+
+    # ---- what a user reads back --------------------------------------------------------------
+
+    @invariant()
+    def everything_readable_agrees(self) -> None:
+        if not hasattr(self, "optimizers"):
+            return
+        ours, theirs = self.optimizers["ours"], self.optimizers["torch"]
+        for i, (p, q) in enumerate(zip(self.params["ours"], self.params["torch"])):
+            _assert_close(p.detach(), q.detach(), f"param {i}")
+            assert (p.grad is None) == (q.grad is None), f"param {i}: grad None on one side only"
+            if p.grad is not None:
+                assert torch.equal(p.grad, q.grad), f"param {i}: grads differ"
+            mine, their = ours.state.get(p, {}), theirs.state.get(q, {})
+            assert set(mine) == set(their), f"param {i}: state keys {set(mine)} vs {set(their)}"
+            for key, value in their.items():
+                if key == "step":
+                    assert float(mine[key]) == float(value), f"param {i}: step"
+                else:
+                    _assert_close(mine[key], value, f"param {i} {key}")
+        assert [_comparable_group(g) for g in ours.param_groups] == [_comparable_group(g) for g in theirs.param_groups]
+        mine, their = ours.state_dict(), theirs.state_dict()
+        assert [_comparable_group(g) for g in mine["param_groups"]] == \
+            [_comparable_group(g) for g in their["param_groups"]]
+        assert [g["params"] for g in mine["param_groups"]] == [g["params"] for g in their["param_groups"]]
+        assert mine["state"].keys() == their["state"].keys()
+        for index, values in their["state"].items():
+            assert mine["state"][index].keys() == values.keys(), f"state_dict state[{index}] keys"
+
+
+OursAgainstTorch.TestCase.settings = settings.get_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
+TestOursAgainstTorch = OursAgainstTorch.TestCase
