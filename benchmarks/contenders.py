@@ -124,9 +124,9 @@ def _graph_replayed(build: Callable[[list[torch.Tensor], Workload], Built]) -> C
         if not params[0].is_cuda:
             raise Unavailable("graph replay needs CUDA")
         built = build(params, workload)
-        if hasattr(built.optimizer, "sync_hyperparameters"):
-            from compiled_adamw.capture import check_capturable
-            check_capturable(built.optimizer)
+        compiled_adamw = _import("compiled_adamw")
+        if isinstance(built.optimizer, compiled_adamw.AdamW):
+            compiled_adamw.check_capturable(built.optimizer)
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(side):

@@ -24,11 +24,11 @@ def main(elements: int = 16 * 2**20, repetitions: int = 15) -> None:
     ours, fused = AdamW([p], lr=1e-3), torch.optim.AdamW([q], lr=1e-3, fused=True)
     ours.step()
     fused.step()
-    bucket, vector = ours._buckets[0][0], ours._scalars[0].vector
+    bucket, vector = ours._buckets[0][0], ours._settings[0].vector
     coefficients = kernels._compiled_coefficients("cpu", torch.float32)
     update = kernels._compiled_update("cpu", torch.float32, False, False)
     packed = coefficients(bucket.steps[0], vector)
-    windows = (bucket.flat_param[:elements], bucket.flat_grad[:elements], bucket.exp_avg[:elements],
+    windows = (bucket.flat_param[:elements], p.grad, bucket.exp_avg[:elements],
                bucket.exp_avg_sq[:elements], None, packed)
     static = torch.compile(kernels.apply_update_, fullgraph=True, dynamic=False)
     unviewed = [kernels._without_base(w) for w in windows]
