@@ -31,7 +31,7 @@ def main(elements: int = 16 * 2**20, repetitions: int = 15) -> None:
     windows = (bucket.flat_param[:elements], p.grad, bucket.exp_avg[:elements],
                bucket.exp_avg_sq[:elements], None, packed)
     static = torch.compile(kernels.apply_update_, fullgraph=True, dynamic=False)
-    unviewed = [kernels._without_base(w) for w in windows]
+    unviewed = [kernels.without_base(w) for w in windows]
     parts = {
         "ours: whole step": ours.step,
         "torch fused: whole step": fused.step,

@@ -27,7 +27,14 @@ is, for every path (our own layout, someone else's buckets, autograd's fresh gra
   None. A param of ``DIRECT_ELEMENTS`` or more gets a kernel call of its own that reads its grad
   in place: no copy. Smaller params are stepped together, a chunk of at most ``CHUNK_ELEMENTS``
   per kernel call, their grads gathered by one ``_foreach_copy_`` into a chunk-sized scratch
-  buffer, so the copies stay in cache and the optimizer holds no param-sized grad buffer.
+  buffer, so the copies stay in cache and the optimizer holds no param-sized grad buffer. The
+  bucket lays out its small params first, so that they form as few chunks as possible.
+
+Note [calls prepared once]: a kernel call's windows of the flat buffers depend only on which
+params it steps, so each distinct list of calls is prepared once (as base-less aliases, Note
+[inputs without a view base]) and kept; a step then only fetches the grads and calls. This keeps
+the Python a step runs per call to a few attribute reads, which matters for models of many
+params.
 
 Note [step cohorts]: torch keeps one step count per param, and a param whose grad is None is not
 stepped. A kernel call uses one step count for all its params, which is right only if their
@@ -46,6 +53,8 @@ from typing import Callable, Iterable, Iterator, Mapping, MutableMapping, NamedT
 
 import torch
 from torch import Tensor
+
+from .kernels import without_base
 
 __all__ = ["ALIGNMENT", "CHUNK_ELEMENTS", "DIRECT_ELEMENTS", "STATE_KEYS", "FlatBucket", "StepPlan",
            "bucket_key", "check_grad", "group_into_buckets"]
@@ -96,6 +105,8 @@ def in_memory_order(tensor: Tensor) -> Tensor:
     """A dense ``tensor`` as a 1-D real view of its memory, in memory order."""
     if tensor.is_complex():
         tensor = torch.view_as_real(tensor)
+    if tensor.dim() == 1:
+        return tensor
     order = sorted(range(tensor.dim()), key=lambda d: -tensor.stride(d))
     return tensor.permute(order).reshape(-1)
 
@@ -116,23 +127,28 @@ class StepPlan(NamedTuple):
 
 
 class _Call(NamedTuple):
-    """One kernel call: params [first, last) over the state window [lo, hi)."""
+    """One kernel call over params [first, last) (Note [calls prepared once])."""
 
     first: int
     last: int
-    lo: int
-    hi: int
+    param: Tensor | None  # the window of flat_param; None: the param lives elsewhere
+    state: tuple[Tensor, Tensor, Tensor | None]  # windows of exp_avg, exp_avg_sq, max_exp_avg_sq
+    gathered: list[Tensor] | None  # the grads' views in scratch, or None: read the grad in place
+    grad: Tensor | None  # the scratch window, for gathered grads
 
 
 class FlatBucket:
     """Params of one (group, device, dtype) and their state in flat, aligned buffers."""
 
     def __init__(self, params: list[Tensor], positions: list[int], *, amsgrad: bool):
-        self.params = params
-        self.positions = positions  # index of each param in its group's "params"
+        real_per_element = 2 if params[0].is_complex() else 1
+        # Small params first (Note [where memory lives]); each group keeps its order.
+        order = sorted(range(len(params)), key=lambda i: params[i].numel() * real_per_element >= DIRECT_ELEMENTS)
+        self.params = [params[i] for i in order]
+        self.positions = [positions[i] for i in order]  # index of each param in its group's "params"
+        params = self.params
         self.device, self.dtype = bucket_key(params[0])
         self.real_dtype = self.dtype.to_real() if self.dtype.is_complex else self.dtype
-        real_per_element = 2 if self.dtype.is_complex else 1
         self.shapes = [p.shape for p in params]
         self.strides = [_dense_strides(p) for p in params]
         self.sizes = [p.numel() * real_per_element for p in params]
@@ -149,6 +165,8 @@ class FlatBucket:
         self.exp_avg_sq = self._zeros(self.length)
         self.max_exp_avg_sq = self._zeros(self.length) if amsgrad else None
         self.steps = _static(torch.zeros(len(params), dtype=torch.float32, device=self.device))
+        self.step_aliases = [without_base(self.steps[i]) for i in range(len(params))]
+        self.prepared: dict[tuple, list[_Call]] = {}
         self.cohorts = [0] * len(params)
         self.has_state = [False] * len(params)
         self.direct = [size >= DIRECT_ELEMENTS for size in self.sizes]
@@ -206,10 +224,10 @@ class FlatBucket:
         return state
 
     def set_amsgrad(self, amsgrad: bool) -> None:
-        if amsgrad and self.max_exp_avg_sq is None:
-            self.max_exp_avg_sq = self._zeros(self.length)
-        elif not amsgrad:
-            self.max_exp_avg_sq = None
+        if amsgrad == (self.max_exp_avg_sq is not None):
+            return
+        self.max_exp_avg_sq = self._zeros(self.length) if amsgrad else None
+        self.prepared.clear()
 
     def load_state(self, loaded: Mapping[Tensor, Mapping[str, Tensor]],
                    state: MutableMapping[Tensor, dict]) -> None:
@@ -296,17 +314,37 @@ class FlatBucket:
             runs.append((start, len(present)))
         return runs
 
-    def _calls(self, first: int, last: int, away: frozenset[int]) -> Iterator[_Call]:
-        """Split a run into kernel calls (Note [where memory lives])."""
+    def _calls(self, first: int, last: int, away: frozenset[int], tracing: bool) -> list[_Call]:
+        """The kernel calls that step params [first, last) (Note [where memory lives]). While a
+        user's compile traces the step, plain views, made afresh (they are the tracer's)."""
+        if tracing:
+            return list(self._prepare_calls(first, last, away, alias=lambda view: view))
+        key = (first, last, away)
+        if key not in self.prepared:
+            self.prepared[key] = list(self._prepare_calls(first, last, away, alias=without_base))
+        return self.prepared[key]
+
+    def _prepare_calls(self, first: int, last: int, away: frozenset[int],
+                       alias: Callable[[Tensor], Tensor]) -> Iterator[_Call]:
         i = first
         while i < last:
             j = i + 1
-            if not (self.direct[i] or i in away):
+            gathered = not (self.direct[i] or i in away)
+            if gathered:
                 while (j < last and not self.direct[j] and j not in away
                        and self.chunk_start[j] == self.chunk_start[i]):
                     j += 1
-            if self.padded_ends[j - 1] > self.starts[i]:  # empty params need no call
-                yield _Call(i, j, self.starts[i], self.padded_ends[j - 1])
+                lo, hi = self.starts[i], self.padded_ends[j - 1]
+            else:
+                lo, hi = self.starts[i], self.ends[i]
+            if hi > lo:  # empty params need no call
+                window = slice(lo, hi)
+                state = tuple(None if buffer is None else alias(buffer[window])
+                              for buffer in (self.exp_avg, self.exp_avg_sq, self.max_exp_avg_sq))
+                param = None if i in away else alias(self.flat_param[window])
+                chunk = self.chunk_start[i]
+                yield _Call(i, j, param, state, self.scratch_views[i:j] if gathered else None,
+                            alias(self.scratch[lo - chunk : hi - chunk]) if gathered else None)
             i = j
 
     def execute(
@@ -315,6 +353,8 @@ class FlatBucket:
         state: MutableMapping[Tensor, dict],
         coefficients: Callable[[Tensor], Tensor],
         update: Callable[..., None],
+        *,
+        tracing: bool,
     ) -> None:
         """Carry out ``plan``: one kernel call per chunk of small params, per large param and per
         param that lives elsewhere."""
@@ -323,36 +363,37 @@ class FlatBucket:
                 if not self.has_state[i]:
                     self.has_state[i] = True
                     state[self.params[i]] = self.state_views(i)
+        grads = plan.grads
         for first, last in plan.runs:
             self.steps[first:last].add_(1)
-            scalars = coefficients(self.steps[first])
-            for call in self._calls(first, last, plan.away):
-                self._update(call, plan, scalars, update)
+            scalars = coefficients(self.steps[first] if tracing else self.step_aliases[first])
+            for call in self._calls(first, last, plan.away, tracing):
+                if call.gathered is not None:
+                    torch._foreach_copy_(call.gathered, grads[call.first : call.last])
+                    update(call.param, call.grad, *call.state, scalars)
+                else:
+                    self._update_one(call, grads[call.first], scalars, update)
         self._advance_cohorts(plan.present)
 
-    def _update(self, call: _Call, plan: StepPlan, scalars: Tensor, update: Callable[..., None]) -> None:
-        window = slice(call.lo, call.hi)
-        state = (self.exp_avg[window], self.exp_avg_sq[window],
-                 None if self.max_exp_avg_sq is None else self.max_exp_avg_sq[window])
-        if call.last - call.first > 1 or not (self.direct[call.first] or call.first in plan.away):
-            torch._foreach_copy_([self.scratch_views[i] for i in range(call.first, call.last)],
-                                 plan.grads[call.first : call.last])
-            lo = self.chunk_start[call.first]
-            update(self.flat_param[window], self.scratch[call.lo - lo : call.hi - lo], *state, scalars)
-            return
+    def _update_one(self, call: _Call, grad: Tensor, scalars: Tensor, update: Callable[..., None]) -> None:
+        """A call of its own for a large param or one that lives elsewhere: its grad and (if it
+        lives elsewhere) its memory are read in place when their strides are the state's, and
+        otherwise pass through temporaries in the state's layout."""
         i = call.first
-        param, grad = self.params[i].detach(), plan.grads[i]
-        if self.sizes[i] >= 2 and param.stride() == grad.stride() == self.strides[i]:
-            # Both where they live, in the state's layout: no copy at all.
-            state = tuple(None if s is None else s[: self.sizes[i]] for s in state)
-            update(in_memory_order(param), in_memory_order(grad), *state, scalars)
+        param = self.params[i].detach()
+        in_place = grad.stride() == self.strides[i] and (call.param is not None or param.stride() == self.strides[i])
+        if in_place and self.sizes[i] >= 2:
+            update(in_memory_order(param) if call.param is None else call.param, in_memory_order(grad),
+                   *call.state, scalars)
             return
-        # Through temporaries in the state's layout, padded to the aligned window.
-        temporary_param, temporary_grad = (torch.zeros(call.hi - call.lo, dtype=self.real_dtype, device=self.device)
-                                           for _ in range(2))
+        window = slice(self.starts[i], self.padded_ends[i])
+        temporary_param, temporary_grad = (torch.zeros(window.stop - window.start, dtype=self.real_dtype,
+                                                       device=self.device) for _ in range(2))
         param_view, grad_view = (self._view(t, i, 0) for t in (temporary_param, temporary_grad))
         param_view.copy_(param)
         grad_view.copy_(grad)
+        state = tuple(None if buffer is None else buffer[window]
+                      for buffer in (self.exp_avg, self.exp_avg_sq, self.max_exp_avg_sq))
         update(temporary_param, temporary_grad, *state, scalars)
         param.copy_(param_view)
 

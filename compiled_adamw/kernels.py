@@ -41,7 +41,7 @@ from .functional import step_flat
 from .update import Coefficients, adamw_coefficients, adamw_elementwise
 
 __all__ = ["apply_update_", "coefficients_kernel", "differentiable_kernel", "packed_coefficients",
-           "update_kernel"]
+           "update_kernel", "without_base"]
 
 
 
@@ -120,7 +120,7 @@ def differentiable_kernel(
     return _compiled_differentiable(device_type, dtype, amsgrad, maximize) if compiled else step_flat
 
 
-def _without_base(tensor: Tensor | None) -> Tensor | None:
+def without_base(tensor: Tensor | None) -> Tensor | None:
     """The same memory, shape and strides, with no ``_base`` (Note [inputs without a view base])."""
     if tensor is None or tensor._base is None:
         return tensor
@@ -130,7 +130,7 @@ def _without_base(tensor: Tensor | None) -> Tensor | None:
 
 def _stripping_bases(kernel: Callable[..., Any], **static: Any) -> Callable[..., Any]:
     def call(*tensors: Tensor | None) -> Any:
-        return kernel(*map(_without_base, tensors), **static)
+        return kernel(*map(without_base, tensors), **static)
 
     call.compiled = kernel
     return call

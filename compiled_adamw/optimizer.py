@@ -204,6 +204,7 @@ class AdamW(torch.optim.Optimizer):
             plan, self.state,
             lambda step: coefficients(step, hyperparameters),
             update_kernel(device_type, bucket.real_dtype, amsgrad, maximize, compiled),
+            tracing=tracing,
         )
 
     def _step_differentiable(self, params: list[Tensor], settings: GroupSettings, tracing: bool) -> None:
