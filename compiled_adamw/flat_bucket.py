@@ -350,7 +350,6 @@ class FlatBucket:
     def execute(
         self,
         plan: StepPlan,
-        state: MutableMapping[Tensor, dict],
         coefficients: Callable[[Tensor], Tensor],
         update: Callable[..., None],
         *,
@@ -358,11 +357,6 @@ class FlatBucket:
     ) -> None:
         """Carry out ``plan``: one kernel call per chunk of small params, per large param and per
         param that lives elsewhere."""
-        if not all(self.has_state):
-            for i in itertools.compress(range(len(self.params)), plan.present):
-                if not self.has_state[i]:
-                    self.has_state[i] = True
-                    state[self.params[i]] = self.state_views(i)
         grads = plan.grads
         for first, last in plan.runs:
             self.steps[first:last].add_(1)
@@ -374,6 +368,15 @@ class FlatBucket:
                 else:
                     self._update_one(call, grads[call.first], scalars, update)
         self._advance_cohorts(plan.present)
+
+    def init_state(self, state: MutableMapping[Tensor, dict]) -> None:
+        """Give each param that has a grad and no state yet its state views."""
+        if all(self.has_state):
+            return
+        for i, param in enumerate(self.params):
+            if not self.has_state[i] and param.grad is not None:
+                self.has_state[i] = True
+                state[param] = self.state_views(i)
 
     def _update_one(self, call: _Call, grad: Tensor, scalars: Tensor, update: Callable[..., None]) -> None:
         """A call of its own for a large param or one that lives elsewhere: its grad and (if it

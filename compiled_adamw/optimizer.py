@@ -89,6 +89,7 @@ class AdamW(torch.optim.Optimizer):
         self.compile = (not self.differentiable) if compile is None else bool(compile)
         self._settings: list[GroupSettings] = []  # what the step reads of each group
         self._buckets: list[list[FlatBucket]] = []
+        self._step_called = [False]
         super().__init__(params, defaults)
 
     # ---- groups -------------------------------------------------------------------------------
@@ -147,6 +148,7 @@ class AdamW(torch.optim.Optimizer):
     def _rebuild(self) -> None:
         groups, state = self.param_groups, self.state
         self.param_groups, self.state, self._settings, self._buckets = [], defaultdict(dict), [], []
+        self._step_called = [False]
         for group in groups:
             self.add_param_group(group)
         self.state.update(state)
@@ -156,6 +158,7 @@ class AdamW(torch.optim.Optimizer):
 
     def step(self, closure: Callable[[], Any] | None = None) -> Any:
         """One AdamW step over every param that has a grad; returns ``closure()``'s loss."""
+        self._step_called[0] = True  # Note [a step that schedulers need not wrap]
         loss = None
         if closure is not None:
             with torch.enable_grad():
@@ -175,9 +178,22 @@ class AdamW(torch.optim.Optimizer):
             for index, settings in enumerate(self._settings):
                 if any(plan.changed for plan in plans[index]):
                     plans[index] = self._rebuild_buckets(index)
+                for bucket in self._buckets[index]:
+                    bucket.init_state(self.state)
                 for bucket, plan in zip(self._buckets[index], plans[index]):
                     self._step_bucket(settings, bucket, plan, tracing)
         return loss
+
+    # Note [a step that schedulers need not wrap]: torch's LR schedulers replace ``opt.step`` with a
+    # wrapper (defined in lr_scheduler.py, a file Dynamo refuses to trace) that records
+    # ``opt._opt_called`` -- unless the step already says it is wrapped. Ours records it itself,
+    # so ``opt.step()`` stays traceable inside a user's ``torch.compile(fullgraph=True)``. It
+    # records it in a list: Dynamo drops attribute writes on optimizers, not list writes.
+    step._wrapped_by_lr_sched = True  # type: ignore[attr-defined]
+
+    @property
+    def _opt_called(self) -> bool:
+        return self._step_called[0]
 
     def _rebuild_buckets(self, index: int) -> list[StepPlan]:
         """A param of group ``index`` changed dtype, device or shape (``model.half()``,
@@ -201,7 +217,7 @@ class AdamW(torch.optim.Optimizer):
         compiled = self.compile and not tracing
         coefficients = coefficients_kernel(device_type, dtype, compiled)
         bucket.execute(
-            plan, self.state,
+            plan,
             lambda step: coefficients(step, hyperparameters),
             update_kernel(device_type, bucket.real_dtype, amsgrad, maximize, compiled),
             tracing=tracing,
