@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -80,20 +81,32 @@ def test_each_step_is_two_kernels_one_pass_over_memory():
     assert "pow" not in update_kernel, "the scalar math was inlined into the elementwise kernel"
 
 
-def test_step_inside_a_users_fullgraph_compile():
+def test_step_inside_a_users_fullgraph_compile_with_a_scheduler_attached():
+    """PyTorch's compiled-optimizer tutorial, with OneCycleLR (beta1 cycling) attached: torch's
+    scheduler wraps ``opt.step`` in a function Dynamo refuses to trace (torch's AdamW fails here);
+    ours traces in one graph, and after the second call (the first step creates the state
+    entries, on which Dynamo guards) nothing recompiles while lr and beta1 change every step."""
     model, twin = model_and_twin()
     optimizer, reference = ours(model), torch.optim.AdamW(twin.parameters(), lr=1e-2)
+    schedulers = [torch.optim.lr_scheduler.OneCycleLR(o, max_lr=0.05, total_steps=40) for o in (optimizer, reference)]
 
     @torch.compile(fullgraph=True)
     def compiled_step():
         optimizer.step()
 
-    for step in range(4):
-        for m, o, do_step in ((model, optimizer, compiled_step), (twin, reference, reference.step)):
+    breaks_before = dict(counters["graph_break"])
+    for step in range(20):
+        for m, o, do_step, scheduler in ((model, optimizer, compiled_step, schedulers[0]),
+                                         (twin, reference, reference.step, schedulers[1])):
             x, y = batch(step)
             o.zero_grad()
             torch.nn.functional.mse_loss(m(x), y).backward()
             do_step()
+            scheduler.step()
+        if step == 1:
+            graphs_after_second_call = counters["stats"]["unique_graphs"]
+    assert counters["stats"]["unique_graphs"] == graphs_after_second_call, "a scheduled value recompiled"
+    assert dict(counters["graph_break"]) == breaks_before, dict(counters["graph_break"])
     assert_models_close(model, twin)
 
 
@@ -129,22 +142,27 @@ def test_cuda_step_has_no_host_sync():
 
 
 COLD_START = """
-import time, torch
+import json, torch
+from torch._dynamo.utils import counters
 from compiled_adamw import AdamW
 params = [torch.nn.Parameter(torch.randn(64)) for _ in range({n})]
 for p in params:
     p.grad = torch.randn(64)
-optimizer = AdamW(params)
-start = time.perf_counter()
-optimizer.step()
-print(time.perf_counter() - start)
+AdamW(params).step()
+print(json.dumps(dict(graphs=counters["stats"]["unique_graphs"], inductor=dict(counters["inductor"]))))
 """
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("n", [1_000, 10_000])
-def test_cold_first_step_is_under_10_seconds(n, tmp_path):
-    env = dict(os.environ, TORCHINDUCTOR_CACHE_DIR=str(tmp_path))
-    out = subprocess.run([sys.executable, "-c", COLD_START.format(n=n)], env=env, check=True,
-                         capture_output=True, text=True).stdout
-    assert float(out.split()[-1]) < 10.0
+def test_cold_first_step_compiles_the_same_graphs_at_1000_and_10000_params(tmp_path):
+    """Compile work does not grow with the param count: in a fresh process with an empty Inductor
+    cache, the first step compiles the same graphs and kernels for 1,000 and for 10,000 params.
+    (Seconds depend on the machine's load: they live in the benchmark.)"""
+    compiled = []
+    for n in (1_000, 10_000):
+        env = dict(os.environ, TORCHINDUCTOR_CACHE_DIR=str(tmp_path / str(n)))
+        out = subprocess.run([sys.executable, "-c", COLD_START.format(n=n)], env=env, check=True,
+                             capture_output=True, text=True).stdout
+        compiled.append(json.loads(out.splitlines()[-1]))
+    assert compiled[0] == compiled[1]
+    assert compiled[0]["graphs"] == 2, "one scalar kernel and one elementwise kernel"

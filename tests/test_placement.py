@@ -1,0 +1,74 @@
+"""Where the step reads and writes memory (Note [where memory lives]), in the loop every tutorial
+writes: ``zero_grad()`` (set_to_none=True), backward, step."""
+
+from __future__ import annotations
+
+import torch
+
+from compiled_adamw import AdamW
+from compiled_adamw.flat_bucket import CHUNK_ELEMENTS, DIRECT_ELEMENTS
+
+from .helpers import assert_models_close
+
+
+def _model_with_a_large_weight() -> tuple[torch.nn.Module, torch.nn.Module]:
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(512, 256), torch.nn.Tanh(), torch.nn.Linear(256, 3))
+    twin = torch.nn.Sequential(torch.nn.Linear(512, 256), torch.nn.Tanh(), torch.nn.Linear(256, 3))
+    twin.load_state_dict(model.state_dict())
+    assert model[0].weight.numel() >= DIRECT_ELEMENTS > model[2].weight.numel()
+    return model, twin
+
+
+def _default_loop(model, optimizer, step: int) -> None:
+    generator = torch.Generator().manual_seed(step)
+    x, y = torch.randn(8, 512, generator=generator), torch.randn(8, 3, generator=generator)
+    optimizer.zero_grad()
+    torch.nn.functional.mse_loss(model(x), y).backward()
+    optimizer.step()
+
+
+def test_a_large_params_grad_is_read_where_autograd_put_it(monkeypatch):
+    model, twin = _model_with_a_large_weight()
+    optimizer, reference = AdamW(model.parameters(), lr=1e-2), torch.optim.AdamW(twin.parameters(), lr=1e-2)
+    copied: list[int] = []
+    foreach_copy = torch._foreach_copy_
+
+    def spy(targets, sources, *args, **kwargs):
+        copied.extend(s.data_ptr() for s in sources)
+        return foreach_copy(targets, sources, *args, **kwargs)
+
+    monkeypatch.setattr(torch, "_foreach_copy_", spy)
+    for step in range(3):
+        _default_loop(model, optimizer, step)
+        _default_loop(twin, reference, step)
+        large, small = model[0].weight.grad, model[2].weight.grad
+        assert large.data_ptr() not in copied, "the large grad was copied"
+        assert small.data_ptr() in copied, "small grads are gathered"
+        copied.clear()
+    assert_models_close(model, twin)
+
+
+def test_the_optimizer_holds_no_param_sized_grad_buffer():
+    model, _ = _model_with_a_large_weight()
+    optimizer = AdamW(model.parameters())
+    (bucket,) = optimizer._buckets[0]
+    small = sum(p.numel() for p in model.parameters() if p.numel() < DIRECT_ELEMENTS)
+    assert bucket.scratch.numel() <= min(CHUNK_ELEMENTS, small + 16 * 4)
+    many_small = AdamW([torch.nn.Parameter(torch.zeros(1024)) for _ in range(1000)])
+    assert many_small._buckets[0][0].scratch.numel() <= CHUNK_ELEMENTS < 1000 * 1024
+
+
+def test_zero_grad_leaves_none_and_a_param_without_a_grad_is_not_stepped():
+    model, twin = _model_with_a_large_weight()
+    optimizer, reference = AdamW(model.parameters(), lr=1e-2), torch.optim.AdamW(twin.parameters(), lr=1e-2)
+    for m, o in ((model, optimizer), (twin, reference)):
+        _default_loop(m, o, 0)
+        o.zero_grad()
+        assert all(p.grad is None for p in m.parameters())
+        before = m[2].weight.detach().clone()
+        torch.nn.functional.mse_loss(m[0](torch.ones(2, 512)).sum(1, keepdim=True), torch.zeros(2, 1)).backward()
+        o.step()  # only the first layer has grads
+        assert torch.equal(m[2].weight, before) and o.state[m[2].weight]["step"].item() == 1
+        assert o.state[m[0].weight]["step"].item() == 2
+    assert_models_close(model, twin)
