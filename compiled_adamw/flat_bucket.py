@@ -84,8 +84,11 @@ def _static(buffer: Tensor) -> Tensor:
     """Note [static buffers]: the buffers live as long as the optimizer and never move. Marking them
     so tells a user's ``torch.compile(mode="reduce-overhead")`` that the step's in-place writes go
     to fixed addresses, which CUDA graphs (cudagraph trees) need in order not to skip the graph.
-    Our own kernels receive base-less aliases (Note [inputs without a view base]), unmarked."""
-    torch._dynamo.mark_static_address(buffer)
+    Our own kernels receive base-less aliases (Note [inputs without a view base]), unmarked.
+    State buffers made while a user's compile traces the first step are that graph's outputs,
+    which Dynamo does not let us mark."""
+    if not torch.compiler.is_compiling():
+        torch._dynamo.mark_static_address(buffer)
     return buffer
 
 
@@ -160,10 +163,12 @@ class FlatBucket:
             offset += _round_up(size, ALIGNMENT)
             self.padded_ends.append(offset)
         self.length = offset
-        self.flat_param = self._zeros(self.length)
-        self.exp_avg = self._zeros(self.length)
-        self.exp_avg_sq = self._zeros(self.length)
-        self.max_exp_avg_sq = self._zeros(self.length) if amsgrad else None
+        # Not zero-filled: each param's values land in it as its old memory is freed, so building
+        # the bucket never holds two copies of all params at once.
+        self.flat_param = _static(torch.empty(self.length, dtype=self.real_dtype, device=self.device))
+        self.amsgrad = amsgrad
+        # Allocated with the first state, as torch does: building the optimizer costs no state memory.
+        self.exp_avg = self.exp_avg_sq = self.max_exp_avg_sq = None
         self.steps = _static(torch.zeros(len(params), dtype=torch.float32, device=self.device))
         self.step_aliases = [without_base(self.steps[i]) for i in range(len(params))]
         self.prepared: dict[tuple, list[_Call]] = {}
@@ -174,8 +179,11 @@ class FlatBucket:
         self.home_ptrs: list[int | None] = [None] * len(params)
         with torch.no_grad():
             for i, p in enumerate(params):
+                self.flat_param[self.ends[i] : self.padded_ends[i]].zero_()
                 if p.stride() == self.strides[i]:
                     self._bring_home(i)
+                else:  # stepped where it is: its segment is only ever padding
+                    self.flat_param[self.starts[i] : self.ends[i]].zero_()
 
     def _zeros(self, length: int) -> Tensor:
         return _static(torch.zeros(length, dtype=self.real_dtype, device=self.device))
@@ -223,16 +231,27 @@ class FlatBucket:
                 state[key] = self._view(buffer, i)
         return state
 
+    def _allocate_state(self) -> None:
+        if self.exp_avg is None:
+            self.exp_avg, self.exp_avg_sq = self._zeros(self.length), self._zeros(self.length)
+        if self.amsgrad and self.max_exp_avg_sq is None:
+            self.max_exp_avg_sq = self._zeros(self.length)
+
     def set_amsgrad(self, amsgrad: bool) -> None:
-        if amsgrad == (self.max_exp_avg_sq is not None):
+        if amsgrad == self.amsgrad:
             return
-        self.max_exp_avg_sq = self._zeros(self.length) if amsgrad else None
+        self.amsgrad = amsgrad
+        self.max_exp_avg_sq = None
+        if self.exp_avg is not None:
+            self._allocate_state()
         self.prepared.clear()
 
     def load_state(self, loaded: Mapping[Tensor, Mapping[str, Tensor]],
                    state: MutableMapping[Tensor, dict]) -> None:
         """Copy validated ``loaded[param]`` values into the buffers (``copy_`` casts and moves them,
         as torch's ``load_state_dict`` does); ``state`` gets the views."""
+        if any(loaded.get(param) is not None for param in self.params):
+            self._allocate_state()
         for i, param in enumerate(self.params):
             values = loaded.get(param)
             self.has_state[i] = values is not None
@@ -373,6 +392,7 @@ class FlatBucket:
         """Give each param that has a grad and no state yet its state views."""
         if all(self.has_state):
             return
+        self._allocate_state()
         for i, param in enumerate(self.params):
             if not self.has_state[i] and param.grad is not None:
                 self.has_state[i] = True

@@ -44,6 +44,7 @@ def test_loading_writes_into_the_existing_tensors():
     """A captured CUDA graph keeps reading the same memory across a load."""
     model, twin = model_and_twin()
     optimizer = ours(model)
+    train(model, optimizer, range(1))  # state exists, as when a step has been captured
     vector, state_before = optimizer._settings[0].vector, optimizer._buckets[0][0].exp_avg
     reference = torch.optim.AdamW(twin.parameters(), lr=0.5)
     train(twin, reference, range(2))

@@ -49,10 +49,13 @@ def test_a_large_params_grad_is_read_where_autograd_put_it(monkeypatch):
     assert_models_close(model, twin)
 
 
-def test_the_optimizer_holds_no_param_sized_grad_buffer():
+def test_the_optimizer_holds_no_param_sized_grad_buffer_and_makes_state_at_the_first_step():
     model, _ = _model_with_a_large_weight()
     optimizer = AdamW(model.parameters())
     (bucket,) = optimizer._buckets[0]
+    assert bucket.exp_avg is None and bucket.exp_avg_sq is None, "state memory before any step"
+    _default_loop(model, optimizer, 0)
+    assert bucket.exp_avg.numel() == bucket.exp_avg_sq.numel() == bucket.length
     small = sum(p.numel() for p in model.parameters() if p.numel() < DIRECT_ELEMENTS)
     assert bucket.scratch.numel() <= min(CHUNK_ELEMENTS, small + 16 * 4)
     many_small = AdamW([torch.nn.Parameter(torch.zeros(1024)) for _ in range(1000)])
