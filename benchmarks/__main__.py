@@ -27,18 +27,23 @@ def _arguments(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--contenders", nargs="+", metavar="NAME",
-                        help=f"default: all of {[c.name for c in CONTENDERS]}")
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+                        help="only these (torch-fused, the baseline, is always added); one of: "
+                             + "; ".join(f"{c.name} ({c.note})" if c.note else c.name for c in CONTENDERS))
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
+                        help="default: cuda when available")
     parser.add_argument("--scale", type=float, default=1.0, help="multiply every workload's size")
-    parser.add_argument("--repetitions", type=int, default=10)
-    parser.add_argument("--warmup", type=int, default=3)
-    parser.add_argument("--schedule-steps", type=int, default=100)
+    parser.add_argument("--repetitions", type=int, default=10, help="timed steps per contender (median reported)")
+    parser.add_argument("--warmup", type=int, default=3, help="untimed steps per contender first")
+    parser.add_argument("--schedule-steps", type=int, default=100,
+                        help="OneCycleLR steps over which recompiles are counted")
     parser.add_argument("--compile-timeout", type=float, default=300.0, help="seconds per fresh process")
     parser.add_argument("--no-compile-times", action="store_true",
                         help="skip the cold/warm first-step measurements in fresh processes")
-    parser.add_argument("--scaling-counts", type=int, nargs="+", default=[10, 100, 1000, 10000])
-    parser.add_argument("--unroll-steps", type=int, default=10)
-    parser.add_argument("--workloads", nargs="+", metavar="NAME", help="only these standard workloads")
+    parser.add_argument("--scaling-counts", type=int, nargs="+", default=[10, 100, 1000, 10000],
+                        help="tensor counts of the scaling section")
+    parser.add_argument("--unroll-steps", type=int, default=10, help="inner steps of the differentiable section")
+    parser.add_argument("--workloads", nargs="+", metavar="NAME",
+                        help="only these standard workloads, of: " + ", ".join(w.name for w in standard_workloads()))
     parser.add_argument("--sections", nargs="+", default=["workloads", "scaling", "differentiable"],
                         choices=["workloads", "scaling", "differentiable"])
     parser.add_argument("--merge-into", type=Path,

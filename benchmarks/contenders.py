@@ -46,22 +46,12 @@ def _import(module: str) -> Any:
         raise Unavailable(f"{module} is not installed ({type(error).__name__}: {error})") from None
 
 
-def _ours(compile: bool, fresh_grads: bool = False) -> Callable[[list[torch.Tensor], Workload], Built]:
+def _ours(compile: bool) -> Callable[[list[torch.Tensor], Workload], Built]:
     def build(params: list[torch.Tensor], workload: Workload) -> Built:
         compiled_adamw = _import("compiled_adamw")
         optimizer = compiled_adamw.AdamW(params, lr=LR, weight_decay=WEIGHT_DECAY,
                                          amsgrad=workload.amsgrad, compile=compile)
-        if not fresh_grads:
-            return Built(optimizer, optimizer.step)
-        grads = [p.grad.clone() for p in params]
-
-        def step() -> None:
-            # As after backward with zero_grad(set_to_none=True): grads are new tensors each step.
-            for p, g in zip(params, grads):
-                p.grad = g
-            optimizer.step()
-
-        return Built(optimizer, step)
+        return Built(optimizer, optimizer.step)
     return build
 
 
@@ -148,10 +138,7 @@ def _torch_capturable(params: list[torch.Tensor], workload: Workload) -> Built:
 
 
 CONTENDERS = [
-    Contender("ours", _ours(compile=True), compiled=True, note="compiled_adamw.AdamW, grads in place"),
-    Contender("ours-fresh-grads", _ours(compile=True, fresh_grads=True), compiled=False,
-              note="new grad tensors every step (zero_grad(set_to_none=True)): one copy more; "
-                   "compiles the same kernels as ours"),
+    Contender("ours", _ours(compile=True), compiled=True, note="compiled_adamw.AdamW"),
     Contender("ours-eager", _ours(compile=False), compiled=False, note="compile=False"),
     Contender("torch-forloop", _torch(foreach=False), compiled=False),
     Contender("torch-foreach", _torch(foreach=True), compiled=False),

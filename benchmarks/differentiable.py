@@ -154,9 +154,18 @@ def _measure(unroll: Callable[..., Unrolled], steps: int, scale: float, repetiti
             "meta_grad_norm": float(torch.stack(present).norm()) if present else None}
 
 
-def run(steps: int, *, scale: float = 1.0, repetitions: int = 5) -> dict[str, Any]:
+def _family(name: str) -> str:
+    return name.split("-")[0]
+
+
+def run(steps: int, *, scale: float = 1.0, repetitions: int = 5, contenders: list[str] | None = None) -> dict[str, Any]:
+    """Every unroll, or those of the same family (ours, torch, torchopt, higher) as ``contenders``;
+    the baseline always."""
+    families = None if contenders is None else {_family(name) for name in contenders} | {_family(BASELINE)}
     rows = []
     for name, unroll in UNROLLS.items():
+        if families is not None and _family(name) not in families:
+            continue
         try:
             row = {"name": name, "status": "ok", **_measure(unroll, steps, scale, repetitions)}
         except Unavailable as reason:

@@ -64,7 +64,8 @@ def run(contenders: list[Contender], settings: Settings, progress: Callable[[str
     if settings.unroll_steps and "differentiable" in settings.sections:
         progress("differentiable")
         results["differentiable"] = differentiable.run(settings.unroll_steps, scale=settings.scale,
-                                                       repetitions=max(3, settings.repetitions // 2))
+                                                       repetitions=max(3, settings.repetitions // 2),
+                                                       contenders=[c.name for c in contenders])
     return results
 
 

@@ -35,6 +35,8 @@ def main(argv: list[str] | None = None) -> int:
         else:
             (FOLDER / f"{name}.txt").write_text(record(name) + "\n")
             print(f"wrote graphs/{name}.txt")
+    if arguments.check and not failed:
+        print(f"graphs/: {len(arguments.names)} records match")
     return int(failed)
 
 

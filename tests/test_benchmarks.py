@@ -38,7 +38,7 @@ def test_every_contender_runs_or_says_why(every_contender_results):
     assert rows["missing"]["status"].startswith("unavailable: a_package_that_is_not_installed is not installed")
     if not torch.cuda.is_available():
         assert rows["ours-graph-replay"]["status"] == "unavailable: graph replay needs CUDA"
-    for name in ("ours", "ours-fresh-grads", "ours-eager", "torch-forloop", "torch-foreach", BASELINE,
+    for name in ("ours", "ours-eager", "torch-forloop", "torch-foreach", BASELINE,
                  "torch-compiled"):
         assert rows[name]["status"] == "ok", rows[name]
     for row in rows.values():
