@@ -38,13 +38,21 @@ def demo(steps: int, seed: int) -> None:
     print(f"{'step':>6} " + " ".join(f"{name:>22}" for name in runs))
     for step in sorted({0, 1, steps // 4, steps // 2, steps - 1}):
         print(f"{step:>6} " + " ".join(f"{losses[step]:>22.6f}" for _, losses, _ in runs.values()))
+    steady = {}
     for name, (_, _, times) in runs.items():
-        steady = sorted(times[1:])[len(times) // 2]
+        steady[name] = sorted(times[1:])[len(times) // 2]
         note = " (includes compiling)" if name.startswith("compiled") else ""
-        print(f"{name}: first step {times[0] * 1e3:.1f} ms{note}, median step {steady * 1e3:.3f} ms")
-    (ours, _, _), (theirs, _, _) = runs.values()
+        print(f"{name}: first step {times[0] * 1e3:.1f} ms{note}, median step {steady[name] * 1e3:.3f} ms")
+    (ours, our_losses, _), (theirs, their_losses, _) = runs.values()
     gap = max((a - b).abs().max().item() for a, b in zip(ours.parameters(), theirs.parameters()))
-    print(f"largest parameter difference after {steps} steps: {gap:.2e}")
+    loss_gap = max(abs(a - b) / max(abs(b), 1e-12) for a, b in zip(our_losses, their_losses))
+    ours_ms, torch_ms = (1e3 * t for t in steady.values())
+    # float32 ops rounded in another order (Inductor fuses multiply-adds; torch rounds each op) give
+    # an ulp here and there, which training carries along: equal to float32 rounding, not bit for bit.
+    print(f"result: the same training as torch.optim.AdamW to float32 rounding (losses within a relative "
+          f"{loss_gap:.1e}, params within {gap:.1e} after {steps} steps); median step {ours_ms:.3f} ms "
+          f"against torch's {torch_ms:.3f} ms ({ours_ms / torch_ms:.2f}x) on this small model, where "
+          "per-call overhead dominates (see README, Performance)")
 
 
 def main() -> None:

@@ -64,7 +64,7 @@ CHUNK_ELEMENTS = 1 << 18
 DIRECT_ELEMENTS = 1 << 16
 STATE_KEYS = ("exp_avg", "exp_avg_sq", "max_exp_avg_sq")
 
-_shape = operator.attrgetter("shape")
+_shape, _dtype, _device, _layout = map(operator.attrgetter, ("shape", "dtype", "device", "layout"))
 
 
 def bucket_key(param: Tensor) -> tuple[torch.device, torch.dtype]:
@@ -310,10 +310,9 @@ class FlatBucket:
         """Whether every grad is dense with its param's shape, dtype and device, at C speed."""
         try:
             given = list(itertools.compress(grads, present))
-            shapes = list(itertools.compress(self.shapes, present))
-            return (list(map(_shape, given)) == shapes
-                    and all(g.dtype == self.dtype and g.device == self.device and g.layout == torch.strided
-                            for g in given))
+            return (list(map(_shape, given)) == list(itertools.compress(self.shapes, present))
+                    and set(map(_dtype, given)) <= {self.dtype} and set(map(_device, given)) <= {self.device}
+                    and set(map(_layout, given)) <= {torch.strided})
         except (RuntimeError, AttributeError):
             return False
 
