@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import sys
 from pathlib import Path
 
@@ -19,7 +20,7 @@ import torch
 
 from .contenders import BASELINE, CONTENDERS, by_name
 from .report import markdown, update_readme, write_json, write_plot
-from .run import Settings, run
+from .run import Settings, run, task_count
 from .workloads import standard_workloads
 
 
@@ -48,18 +49,25 @@ def _arguments(argv: list[str] | None) -> argparse.Namespace:
                         choices=["workloads", "scaling", "differentiable"])
     parser.add_argument("--merge-into", type=Path,
                         help="a results JSON whose sections the measured ones replace (the rest is kept)")
-    parser.add_argument("--quick", action="store_true", help="--scale 0.1 --no-compile-times --repetitions 5")
+    parser.add_argument("--budget", type=float, metavar="SECONDS",
+                        help="what a contender may spend on one workload; over it, a row says so")
+    parser.add_argument("--quick", action="store_true",
+                        help="--scale 0.1 --no-compile-times --repetitions 5 --budget 20 (about 5 minutes here)")
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results"), help="folder for JSON and PNG")
     parser.add_argument("--readme", type=Path, help="rewrite this README's performance section")
     parser.add_argument("--from-json", type=Path, help="measure nothing: report the results in this JSON")
     arguments = parser.parse_args(argv)
     if arguments.quick:
         arguments.scale, arguments.no_compile_times, arguments.repetitions = 0.1, True, 5
+        arguments.budget = arguments.budget or 20.0
     return arguments
 
 
 def main(argv: list[str] | None = None) -> dict:
     arguments = _arguments(argv)
+    # Contenders that recompile on every step make Dynamo warn when they reach its recompile
+    # limit; the recompiles column reports the same thing, once.
+    torch._logging.set_logs(dynamo=logging.ERROR)
     contenders = by_name(arguments.contenders)
     if BASELINE not in [c.name for c in contenders]:
         contenders.append(by_name([BASELINE])[0])
@@ -68,24 +76,27 @@ def main(argv: list[str] | None = None) -> dict:
                         compile_times=not arguments.no_compile_times,
                         compile_timeout=arguments.compile_timeout,
                         scaling_counts=tuple(arguments.scaling_counts), unroll_steps=arguments.unroll_steps,
-                        sections=tuple(arguments.sections))
+                        sections=tuple(arguments.sections), budget_s=arguments.budget)
     if arguments.from_json:
         results = json.loads(arguments.from_json.read_text())
     else:
         from tqdm import tqdm
 
-        with tqdm(desc="benchmarks", unit="task", file=sys.stderr) as bar:
+        chosen = None
+        if arguments.workloads:
+            chosen = [w for w in standard_workloads(settings.scale) if w.name in arguments.workloads]
+            unknown = set(arguments.workloads) - {w.name for w in chosen}
+            if unknown:
+                raise SystemExit(f"unknown workloads {sorted(unknown)}")
+        arguments.out.mkdir(parents=True, exist_ok=True)
+        with tqdm(desc="benchmarks", unit="task", total=task_count(contenders, settings, chosen),
+                  file=sys.stderr) as bar:
             def progress(what: str) -> None:
                 bar.set_postfix_str(what[:70])
                 bar.update(1)
 
-            chosen = None
-            if arguments.workloads:
-                chosen = [w for w in standard_workloads(settings.scale) if w.name in arguments.workloads]
-                unknown = set(arguments.workloads) - {w.name for w in chosen}
-                if unknown:
-                    raise SystemExit(f"unknown workloads {sorted(unknown)}")
-            results = run(contenders, settings, progress, workloads=chosen)
+            results = run(contenders, settings, progress, workloads=chosen,
+                          measured=lambda partial: write_json(partial, arguments.out / "results.json"))
         if arguments.merge_into:
             merged = json.loads(arguments.merge_into.read_text())
             merged.update({key: results[key] for key in arguments.sections})

@@ -12,6 +12,7 @@ from typing import Any, Callable
 
 import torch
 
+from .quiet import quiet_stderr
 from .workloads import Workload
 
 __all__ = ["CONTENDERS", "Built", "Contender", "Unavailable", "by_name"]
@@ -41,7 +42,8 @@ class Contender:
 
 def _import(module: str) -> Any:
     try:
-        return importlib.import_module(module)
+        with quiet_stderr():  # torchao reports each optional native library it lacks (CUDA kernels)
+            return importlib.import_module(module)
     except Exception as error:  # an optional package: report, never crash the run
         raise Unavailable(f"{module} is not installed ({type(error).__name__}: {error})") from None
 

@@ -17,6 +17,7 @@ from typing import Any, Callable
 import torch
 
 from .contenders import Built, Contender, Unavailable
+from .quiet import quiet_stderr
 from .workloads import Workload
 
 __all__ = ["compile_seconds", "first_step_in_fresh_process", "peak_extra_bytes",
@@ -79,8 +80,8 @@ def peak_extra_bytes(step: Callable[[], Any], device: str) -> int:
         step()
         torch.cuda.synchronize()
         return torch.cuda.max_memory_allocated() - before
-    os.environ.setdefault("KINETO_LOG_LEVEL", "5")  # the profiler's start/stop lines on stdout
-    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], profile_memory=True) as profile:
+    with quiet_stderr(), torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU],
+                                                profile_memory=True) as profile:
         step()
     events = sorted((e for e in profile.profiler.kineto_results.events() if e.name() == "[memory]"),
                     key=lambda e: e.start_ns())
@@ -91,19 +92,21 @@ def peak_extra_bytes(step: Callable[[], Any], device: str) -> int:
     return peak
 
 
-def recompiles_over_schedule(built: Built, steps: int) -> int | str:
+def recompiles_over_schedule(built: Built, steps: int, *, budget_s: float | None = None) -> int | str:
     """Graphs Dynamo compiles during a OneCycleLR run of ``steps`` steps (after the first step,
-    already taken): 0 is the target."""
+    already taken): 0 is the target. Past ``budget_s`` seconds, the count so far, marked."""
     if not built.supports_schedulers:
         return "n/a: no torch.optim.lr_scheduler support"
     counters = torch._dynamo.utils.counters["stats"]
-    before = counters["unique_graphs"]
+    before, started = counters["unique_graphs"], time.perf_counter()
     with warnings.catch_warnings():  # steps wrapped by the contender hide optimizer.step from the scheduler
         warnings.simplefilter("ignore", UserWarning)
         scheduler = torch.optim.lr_scheduler.OneCycleLR(built.optimizer, max_lr=1e-2, total_steps=steps)
-        for _ in range(steps - 1):
+        for taken in range(1, steps):
             built.step()
             scheduler.step()
+            if budget_s is not None and time.perf_counter() - started > budget_s:
+                return f">= {counters['unique_graphs'] - before} in {taken} steps (budget)"
     return counters["unique_graphs"] - before
 
 

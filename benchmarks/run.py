@@ -8,6 +8,7 @@ import gc
 import os
 import platform
 import tempfile
+import time
 from typing import Any, Callable
 
 import torch
@@ -35,6 +36,7 @@ class Settings:
     scaling_contenders: tuple[str, ...] = ("ours", "torch-fused", "torch-compiled")
     unroll_steps: int = 10  # inner steps of the differentiable benchmark
     sections: tuple[str, ...] = ("workloads", "scaling", "differentiable")
+    budget_s: float | None = None  # seconds a contender may spend on one workload (warm-up, timing, schedule)
 
 
 def machine() -> dict[str, Any]:
@@ -45,27 +47,49 @@ def machine() -> dict[str, Any]:
     return info
 
 
+def plan(contenders: list[Contender], settings: Settings,
+         workloads: list[Workload] | None = None) -> list[tuple[str, list[Workload], list[Contender]]]:
+    """What :func:`run` will measure: (section, workloads, contenders) in order."""
+    sections = []
+    if "workloads" in settings.sections:
+        sections.append(("workloads", workloads if workloads is not None else standard_workloads(
+            settings.scale, full_gpt2=settings.device == "cuda" and settings.scale >= 1), contenders))
+    if settings.scaling_counts and "scaling" in settings.sections:
+        total = max(settings.scaling_counts[-1], int(settings.scaling_total * settings.scale))
+        sections.append(("scaling", scaling_workloads(total, settings.scaling_counts),
+                         [c for c in contenders if c.name in settings.scaling_contenders]))
+    return sections
+
+
+def task_count(contenders: list[Contender], settings: Settings, workloads: list[Workload] | None = None) -> int:
+    """How many times :func:`run` calls ``progress``: the progress bar's total."""
+    count = int(bool(settings.unroll_steps and "differentiable" in settings.sections))
+    for _, chosen, members in plan(contenders, settings, workloads):
+        per_workload = len(members) + 1 + (sum(c.compiled for c in members) if settings.compile_times else 0)
+        count += per_workload * len(chosen)
+    return count
+
+
 def run(contenders: list[Contender], settings: Settings, progress: Callable[[str], None] = lambda _: None,
-        workloads: list[Workload] | None = None) -> dict[str, Any]:
+        workloads: list[Workload] | None = None,
+        measured: Callable[[dict[str, Any]], None] = lambda _: None) -> dict[str, Any]:
     """Every contender on every workload (default: :func:`standard_workloads`), then the scaling
-    sweep (if ``settings.scaling_counts``) and the differentiable step (if ``settings.unroll_steps``)."""
+    sweep (if ``settings.scaling_counts``) and the differentiable step (if ``settings.unroll_steps``).
+    ``measured`` receives the results so far after each workload, so an interrupted run keeps them."""
     results: dict[str, Any] = {"machine": machine(), "settings": dataclasses.asdict(settings),
-                               "baseline": BASELINE, "scaling": [], "differentiable": None}
+                               "baseline": BASELINE, "workloads": [], "scaling": [], "differentiable": None}
     with tempfile.TemporaryDirectory(prefix="adamw-bench-cache-") as cache_root:
-        results["workloads"] = [] if "workloads" not in settings.sections else [
-            _workload(workload, contenders, settings, cache_root, progress)
-            for workload in (workloads if workloads is not None else standard_workloads(
-                settings.scale, full_gpt2=settings.device == "cuda" and settings.scale >= 1))]
-        if settings.scaling_counts and "scaling" in settings.sections:
-            scaling = [c for c in contenders if c.name in settings.scaling_contenders]
-            total = max(settings.scaling_counts[-1], int(settings.scaling_total * settings.scale))
-            results["scaling"] = [_workload(workload, scaling, settings, cache_root, progress, scaling=True)
-                                  for workload in scaling_workloads(total, settings.scaling_counts)]
+        for section, chosen, members in plan(contenders, settings, workloads):
+            for workload in chosen:
+                results[section].append(_workload(workload, members, settings, cache_root, progress,
+                                                  scaling=section == "scaling"))
+                measured(results)
     if settings.unroll_steps and "differentiable" in settings.sections:
         progress("differentiable")
         results["differentiable"] = differentiable.run(settings.unroll_steps, scale=settings.scale,
                                                        repetitions=max(3, settings.repetitions // 2),
                                                        contenders=[c.name for c in contenders])
+        measured(results)
     return results
 
 
@@ -93,15 +117,25 @@ def _workload(workload: Workload, contenders: list[Contender], settings: Setting
             row["status"] = candidate
             continue
         try:
-            candidate.step()  # the first step (compile) outside the timed region
+            started = time.perf_counter()
+            for _ in range(1 + settings.warmup):  # the first step (compile) and warm-up, untimed
+                candidate.step()
+            spent = time.perf_counter() - started
         except Exception as error:
             row["status"] = f"failed: {type(error).__name__}: {str(error).splitlines()[0][:200]}"
+            continue
+        steady = spent / (1 + settings.warmup)
+        if settings.budget_s is not None and spent + steady * settings.repetitions > settings.budget_s:
+            row["status"] = (f"over budget: {spent:.0f} s for the first {1 + settings.warmup} steps, "
+                             f"budget {settings.budget_s:.0f} s")
             continue
         row["status"] = "ok"
         built[contender.name], steps[contender.name] = candidate, candidate.step
     steps["roof"] = roof_step(workload, device)
+    for _ in range(1 + settings.warmup):
+        steps["roof"]()
     progress(f"{workload.name}: timing {len(steps)} steps, interleaved")
-    times = time_interleaved(steps, device=device, repetitions=settings.repetitions, warmup=settings.warmup)
+    times = time_interleaved(steps, device=device, repetitions=settings.repetitions, warmup=0)
     roof = summarize(times.pop("roof"))
     roof["bandwidth_GBps"] = workload.bytes_per_step / roof["median_ms"] / 1e6
     for name, seconds in times.items():
@@ -112,7 +146,8 @@ def _workload(workload: Workload, contenders: list[Contender], settings: Setting
         if not scaling:
             row["peak_extra_bytes"] = peak_extra_bytes(steps[name], device)
             contender = next(c for c in contenders if c.name == name)
-            row["recompiles"] = (recompiles_over_schedule(built[name], settings.schedule_steps)
+            row["recompiles"] = (recompiles_over_schedule(built[name], settings.schedule_steps,
+                                                          budget_s=settings.budget_s)
                                  if contender.compiled else 0)
     del built, steps
     gc.collect()
