@@ -52,14 +52,17 @@ def _arguments(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--budget", type=float, metavar="SECONDS",
                         help="what a contender may spend on one workload; over it, a row says so")
     parser.add_argument("--quick", action="store_true",
-                        help="--scale 0.1 --no-compile-times --repetitions 5 --budget 20 (about 5 minutes here)")
+                        help="the fp32 workloads at --scale 0.1, --no-compile-times --repetitions 5 --budget 10 "
+                             "--scaling-counts 10 100 1000 (under 5 minutes here)")
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results"), help="folder for JSON and PNG")
     parser.add_argument("--readme", type=Path, help="rewrite this README's performance section")
     parser.add_argument("--from-json", type=Path, help="measure nothing: report the results in this JSON")
     arguments = parser.parse_args(argv)
     if arguments.quick:
         arguments.scale, arguments.no_compile_times, arguments.repetitions = 0.1, True, 5
-        arguments.budget = arguments.budget or 20.0
+        arguments.budget = arguments.budget or 10.0
+        arguments.scaling_counts = [10, 100, 1000]
+        arguments.workloads = arguments.workloads or [w.name for w in standard_workloads(0.1) if "bf16" not in w.name]
     return arguments
 
 

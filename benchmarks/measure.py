@@ -111,13 +111,14 @@ def recompiles_over_schedule(built: Built, steps: int, *, budget_s: float | None
 
 
 def first_step_in_fresh_process(contender: Contender, workload: Workload, *, device: str,
-                                cache_dir: str, timeout: float) -> float | str:
+                                cache_dir: str | None, timeout: float) -> float | str:
     """Seconds of the first step (compile included) in a new Python process whose Inductor cache
-    is ``cache_dir``; a string saying why when it fails or runs past ``timeout``."""
+    is ``cache_dir`` (None: this process's); a string saying why when it fails or runs past
+    ``timeout``."""
     spec = json.dumps({"name": workload.name, "shapes": workload.shapes, "dtype": str(workload.dtype),
                        "amsgrad": workload.amsgrad})
     command = [sys.executable, "-m", "benchmarks.first_step", contender.name, spec, device]
-    environment = {**os.environ, "TORCHINDUCTOR_CACHE_DIR": cache_dir}
+    environment = {**os.environ, **({"TORCHINDUCTOR_CACHE_DIR": cache_dir} if cache_dir else {})}
     try:
         done = subprocess.run(command, capture_output=True, text=True, timeout=timeout, env=environment,
                               cwd=Path(__file__).resolve().parent.parent)
