@@ -376,6 +376,9 @@ def _validate_checkpoint(optimizer: AdamW, state_dict: dict[str, Any]) -> None:
     state = state_dict["state"]
     for index, (saved, group) in enumerate(zip(saved_groups, groups)):
         where = f"param_groups[{index}]"
+        missing = [key for key in ("params", *GROUP_KEYS) if key not in saved and key not in OPTIONAL_DEFAULTS]
+        if missing:
+            raise ValueError(f"loaded {where} has no {', '.join(map(repr, missing))}")
         if len(saved["params"]) != len(group["params"]):
             raise ValueError(f"{where} has {len(saved['params'])} params in the loaded state dict "
                              f"and {len(group['params'])} in the optimizer")

@@ -112,17 +112,20 @@ def _corrupt(name):
         sd["param_groups"][0]["params"] = sd["param_groups"][0]["params"][:-1]
     def hyper(sd):
         sd["param_groups"][0]["lr"] = -1.0
+    def no_lr(sd):
+        del sd["param_groups"][0]["lr"]
     def unknown(sd):
         sd["state"][2]["momentum_buffer"] = torch.zeros(1)
     def dtype(sd):
         sd["state"][0]["exp_avg"] = sd["state"][0]["exp_avg"].to(torch.int32)
     return {"shape": (shape, r"state\[0\].*'exp_avg'.*shape"), "missing": (missing, r"state\[1\].*'exp_avg_sq'"),
             "groups": (groups, "2 parameter groups"), "params": (params, r"param_groups\[0\] has 3 params"),
-            "hyper": (hyper, r"param_groups\[0\].*lr"), "unknown": (unknown, "momentum_buffer"),
+            "hyper": (hyper, r"param_groups\[0\].*lr"), "no_lr": (no_lr, r"loaded param_groups\[0\] has no 'lr'"),
+            "unknown": (unknown, "momentum_buffer"),
             "dtype": (dtype, r"state\[0\].*'exp_avg'.*int32")}[name]
 
 
-@pytest.mark.parametrize("problem", ["shape", "missing", "groups", "params", "hyper", "unknown", "dtype"])
+@pytest.mark.parametrize("problem", ["shape", "missing", "groups", "params", "hyper", "no_lr", "unknown", "dtype"])
 def test_bad_checkpoint_fails_load_cleanly(problem):
     model, optimizer, twin, reference = _trained_pair()
     checkpoint = reference.state_dict()
