@@ -46,7 +46,7 @@ def _arguments(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--workloads", nargs="+", metavar="NAME",
                         help="only these standard workloads, of: " + ", ".join(w.name for w in standard_workloads()))
     parser.add_argument("--sections", nargs="+", default=["workloads", "scaling", "differentiable"],
-                        choices=["workloads", "scaling", "differentiable"])
+                        choices=["workloads", "scaling", "differentiable"], help="which parts to measure (default: all)")
     parser.add_argument("--merge-into", type=Path,
                         help="a results JSON whose sections the measured ones replace (the rest is kept)")
     parser.add_argument("--budget", type=float, metavar="SECONDS",
