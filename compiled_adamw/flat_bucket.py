@@ -371,13 +371,14 @@ class FlatBucket:
         coefficients: Callable[[Tensor], Tensor],
         update: Callable[..., None],
         *,
+        step_increment: Tensor | int,
         tracing: bool,
     ) -> None:
         """Carry out ``plan``: one kernel call per chunk of small params, per large param and per
         param that lives elsewhere."""
         grads = plan.grads
         for first, last in plan.runs:
-            self.steps[first:last].add_(1)
+            self.steps[first:last].add_(step_increment)
             scalars = coefficients(self.steps[first] if tracing else self.step_aliases[first])
             for call in self._calls(first, last, plan.away, tracing):
                 if call.gathered is not None:

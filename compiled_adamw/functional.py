@@ -25,7 +25,7 @@ import torch
 import torch.utils._pytree as pytree
 from torch import Tensor
 
-from .hyperparameters import check_value
+from .hyperparameters import NO_SCALER, check_value
 from .update import adamw_coefficients, adamw_elementwise, compute_dtype
 
 __all__ = ["AdamWState", "group_key", "hyperparameter_vector", "init", "restore", "step_flat",
@@ -104,13 +104,14 @@ def update(
 
 
 def hyperparameter_vector(values: dict[str, float | Tensor], *, device: torch.device) -> Tensor:
-    """``[lr, beta1, beta2, eps, weight_decay, eps_root]`` as one float64 tensor, differentiable
-    with respect to any tensor among ``values``; floats are range-checked."""
+    """``[lr, beta1, beta2, eps, weight_decay, eps_root, 1, 0]`` as one float64 tensor (the last
+    two: no GradScaler, Note [AMP inside the step]), differentiable with respect to any tensor
+    among ``values``; floats are range-checked."""
     for name, value in values.items():
         if not isinstance(value, Tensor):
             check_value(name, value)
     return torch.stack([torch.as_tensor(value, dtype=torch.float64, device=device).reshape(())
-                        for value in values.values()])
+                        for value in (*values.values(), *NO_SCALER)])
 
 
 def step_flat(

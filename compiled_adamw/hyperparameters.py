@@ -9,7 +9,9 @@ holds exactly what was given or assigned -- a Python float stays a float, as in 
 ``state_dict()``, ``get_last_lr()``, loggers and DCP read what the user (or a scheduler) wrote.
 The step never reads the dict's floats: every write of a float (``group["lr"] = 0.1``, OneCycleLR
 assigning beta1, a checkpoint being loaded) is validated and written at once into the group's own
-float64 vector ``[lr, beta1, beta2, eps, weight_decay, eps_root]`` on the params' device, which
+float64 vector ``[lr, beta1, beta2, eps, weight_decay, eps_root, 1, 0]`` on the params' device
+(the last two are the ``grad_scale`` and ``found_inf`` of a step without a GradScaler, Note [AMP
+inside the step]), which
 the step passes to the compiled coefficients as one argument. Because the step reads no Python
 float, a user's ``torch.compile`` around it has no float to guard on, and a CUDA graph replay
 needs no Python. A tensor given for a hyperparameter is the user's: the step reads it and never
@@ -26,10 +28,12 @@ from typing import Any, Iterable
 import torch
 from torch import Tensor
 
-__all__ = ["GROUP_KEYS", "OPTIONAL_DEFAULTS", "SCALAR_NAMES", "STRUCTURAL_KEYS", "GroupSettings", "ParamGroup",
+__all__ = ["GROUP_KEYS", "NO_SCALER", "OPTIONAL_DEFAULTS", "SCALAR_NAMES", "STRUCTURAL_KEYS", "GroupSettings", "ParamGroup",
            "check_value", "group_value"]
 
 SCALAR_NAMES = ("lr", "beta1", "beta2", "eps", "weight_decay", "eps_root")
+# grad_scale and found_inf without a GradScaler: the step unscales by 1 and skips nothing.
+NO_SCALER = (1.0, 0.0)
 # The group keys that hold them ("betas" holds two).
 GROUP_KEYS = ("lr", "betas", "eps", "weight_decay", "eps_root")
 # Options that specialize the compiled step (Python constants).
@@ -105,7 +109,7 @@ class GroupSettings:
         numbers = [check_value(name, value, where) for name, value in values.items()]
         for name, value in values.items():
             self._check_device(name, value)
-        self.vector = torch.tensor(numbers, dtype=torch.float64, device=device)
+        self.vector = torch.tensor([*numbers, *NO_SCALER], dtype=torch.float64, device=device)
         self.tensors = {name: value for name, value in values.items() if isinstance(value, Tensor)}
 
     def _check_device(self, name: str, value: Any) -> None:
@@ -138,15 +142,19 @@ class GroupSettings:
         """Follow the group's params to another device (``model.to(device)``)."""
         self.device, self.vector = device, self.vector.to(device)
 
-    def packed(self, device: torch.device) -> Tensor:
-        """``[lr, beta1, beta2, eps, weight_decay, eps_root]`` as one 1-D tensor on ``device``: our
-        vector itself unless the group holds tensors of the user's (then a differentiable stack),
-        copied only for a group whose params span devices."""
-        if not self.tensors:
+    def packed(self, device: torch.device, scaler: Tensor | None = None) -> Tensor:
+        """``[lr, beta1, beta2, eps, weight_decay, eps_root, grad_scale, found_inf]`` as one 1-D
+        tensor on ``device``, ``scaler`` being a GradScaler's ``[grad_scale, found_inf]`` for this
+        step: our vector itself unless the group holds tensors of the user's or a scaler is given
+        (then a differentiable concatenation), copied only for a group whose params span devices."""
+        if not self.tensors and scaler is None:
             packed = self.vector
         else:
-            packed = torch.stack([self.tensors[name].reshape(()).to(torch.float64) if name in self.tensors
-                                  else self.vector[index] for index, name in enumerate(SCALAR_NAMES)])
+            hyperparameters = torch.stack([
+                self.tensors[name].reshape(()).to(torch.float64) if name in self.tensors else self.vector[index]
+                for index, name in enumerate(SCALAR_NAMES)])
+            tail = self.vector[len(SCALAR_NAMES):] if scaler is None else scaler.to(self.vector)
+            packed = torch.cat([hyperparameters, tail])
         return packed if packed.device == device else packed.to(device, non_blocking=True)
 
 

@@ -47,7 +47,8 @@ __all__ = ["apply_update_", "coefficients_kernel", "differentiable_kernel", "pac
 
 def packed_coefficients(step: Tensor, hyperparameters: Tensor, *, dtype: torch.dtype) -> Tensor:
     """:func:`adamw_coefficients` from ``hyperparameters = [lr, beta1, beta2, eps, weight_decay,
-    eps_root]``, stacked into one 1-D tensor (Note [scalars outside the elementwise kernel])."""
+    eps_root, grad_scale, found_inf]``, stacked into one 1-D tensor (Note [scalars outside the
+    elementwise kernel])."""
     return torch.stack(adamw_coefficients(step, *hyperparameters.unbind(), dtype=dtype))
 
 

@@ -58,6 +58,10 @@ class AdamW(torch.optim.Optimizer):
             ``differentiable=True`` (Note [differentiable runs eagerly by default]).
     """
 
+    # Note [AMP inside the step]: torch.amp.GradScaler hands us ``grad_scale`` and ``found_inf``
+    # (as attributes, during ``scaler.step(opt)``) instead of unscaling and checking on the host.
+    _step_supports_amp_scaling = True
+
     def __init__(
         self,
         params: Iterable[Any],
@@ -164,12 +168,13 @@ class AdamW(torch.optim.Optimizer):
             with torch.enable_grad():
                 loss = closure()
         tracing = torch.compiler.is_compiling()
+        scaler = self._scaler_values()
         if self.differentiable:
             for index, group in enumerate(self.param_groups):
                 _check_differentiable_group(index, group)
             with torch.enable_grad():
                 for group, settings in zip(self.param_groups, self._settings):
-                    self._step_differentiable(group["params"], settings, tracing)
+                    self._step_differentiable(group["params"], settings, scaler, tracing)
             return loss
         with torch.no_grad():
             plans = [[bucket.plan(_namer(index), tracing=tracing) for bucket in buckets]
@@ -181,8 +186,21 @@ class AdamW(torch.optim.Optimizer):
                 for bucket in self._buckets[index]:
                     bucket.init_state(self.state)
                 for bucket, plan in zip(self._buckets[index], plans[index]):
-                    self._step_bucket(settings, bucket, plan, tracing)
+                    self._step_bucket(settings, bucket, plan, scaler, tracing)
         return loss
+
+    def _scaler_values(self) -> Tensor | None:
+        """``[grad_scale, found_inf]`` from a GradScaler stepping us (Note [AMP inside the step]),
+        on the device, as float64; None without one. ``grad_scale`` is None once the grads were
+        unscaled (``scaler.unscale_(opt)`` before clipping): then only ``found_inf`` counts."""
+        grad_scale, found_inf = getattr(self, "grad_scale", None), getattr(self, "found_inf", None)
+        if grad_scale is None and found_inf is None:
+            return None
+        like = found_inf if found_inf is not None else grad_scale
+        values = [torch.full((), value, dtype=torch.float64, device=like.device) if given is None
+                  else given.reshape(()).to(torch.float64)
+                  for given, value in ((grad_scale, 1.0), (found_inf, 0.0))]
+        return torch.stack(values)
 
     # Note [a step that schedulers need not wrap]: torch's LR schedulers replace ``opt.step`` with a
     # wrapper (defined in lr_scheduler.py, a file Dynamo refuses to trace) that records
@@ -208,11 +226,12 @@ class AdamW(torch.optim.Optimizer):
             self._settings[index].move_to(group["params"][0].device)
         return [bucket.plan(_namer(index), tracing=False) for bucket in self._buckets[index]]
 
-    def _step_bucket(self, settings: GroupSettings, bucket: FlatBucket, plan: StepPlan, tracing: bool) -> None:
+    def _step_bucket(self, settings: GroupSettings, bucket: FlatBucket, plan: StepPlan, scaler: Tensor | None,
+                     tracing: bool) -> None:
         amsgrad, maximize = settings.amsgrad, settings.maximize
         bucket.set_amsgrad(amsgrad)
         dtype, device_type = compute_dtype(bucket.dtype), bucket.device.type
-        hyperparameters = settings.packed(bucket.device)
+        hyperparameters = settings.packed(bucket.device, scaler)
         # Inside a user's torch.compile, the outer compiler traces the plain functions.
         compiled = self.compile and not tracing
         coefficients = coefficients_kernel(device_type, dtype, compiled)
@@ -220,10 +239,12 @@ class AdamW(torch.optim.Optimizer):
             plan,
             lambda step: coefficients(step, hyperparameters),
             update_kernel(device_type, bucket.real_dtype, amsgrad, maximize, compiled),
+            step_increment=1 if scaler is None else _not_found(scaler, bucket.device),
             tracing=tracing,
         )
 
-    def _step_differentiable(self, params: list[Tensor], settings: GroupSettings, tracing: bool) -> None:
+    def _step_differentiable(self, params: list[Tensor], settings: GroupSettings, scaler: Tensor | None,
+                             tracing: bool) -> None:
         """Note [differentiable runs]: params whose state shares one step tensor (they have always
         been stepped together, which the host knows without reading a value) and a dtype are
         stepped by one call of :func:`~compiled_adamw.functional.step_together`. Params are
@@ -249,10 +270,10 @@ class AdamW(torch.optim.Optimizer):
         hyperparameters: dict[torch.device, Tensor] = {}
         for (_, real_dtype, _, device), members in runs.items():
             if device not in hyperparameters:
-                hyperparameters[device] = settings.packed(device)
+                hyperparameters[device] = settings.packed(device, scaler)
             states = [self.state[p] for p in members]
             # A new tensor, not add_: the step may have saved the old one for backward.
-            step = states[0]["step"].detach() + 1
+            step = states[0]["step"].detach() + (1 if scaler is None else _not_found(scaler, device))
             new = step_together(
                 members, [_grad_of(p) for p in members], *([s[key] for s in states] for key in STATE_KEYS[:2]),
                 [s["max_exp_avg_sq"] for s in states] if amsgrad else None, step, hyperparameters[device],
@@ -310,6 +331,11 @@ def _param_name(group: int, position: int) -> str:
 
 # What torch.optim.AdamW's __setstate__ gives a group that an older checkpoint lacks.
 _TORCH_DEFAULTS = {"amsgrad": False, "maximize": False, "foreach": None, "capturable": False, "fused": None}
+
+
+def _not_found(scaler: Tensor, device: torch.device) -> Tensor:
+    """1 - found_inf, as a float32 step increment on ``device``: a skipped step does not count."""
+    return (1 - scaler[1]).to(device=device, dtype=torch.float32)
 
 
 def _grad_of(p: Tensor) -> Tensor | None:

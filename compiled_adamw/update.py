@@ -20,6 +20,11 @@ For step ``t`` (counted from 1), learning rate ``lr``, betas ``b1, b2``, ``eps``
     denom  = sqrt(v_used + eps_root * (1 - b2**t)) / sqrt(1 - b2**t) + eps   # eps_root: ours, 0
     param  = param - lr / (1 - b1**t) * m / denom
 
+Note [AMP inside the step]: with ``torch.amp.GradScaler``, ``grad`` is first divided by
+``grad_scale``, and when ``found_inf`` is 1 the step leaves params and state as they were (the
+caller leaves the step count too), as torch's fused AdamW does: no host sync decides it. Without
+a scaler, ``grad_scale`` is 1 and ``found_inf`` 0, which change nothing (``x * 1 == x``).
+
 This is ``torch.optim.AdamW``'s documented algorithm with ``m_hat / (sqrt(v_hat) + eps)`` rewritten
 exactly as its implementation computes it. Note [where eps sits]: eps is added to
 ``sqrt(v_hat)``, the bias-corrected root, never to ``sqrt(v)``; folding the bias corrections into a
@@ -57,6 +62,8 @@ class Coefficients(NamedTuple):
     one_minus_beta1: Tensor
     beta2: Tensor
     one_minus_beta2: Tensor
+    grad_multiplier: Tensor  # 1 / grad_scale (Note [AMP inside the step])
+    skip: Tensor  # found_inf: 1 keeps params and state as they were
 
 
 def compute_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -74,6 +81,8 @@ def adamw_coefficients(
     eps: Tensor,
     weight_decay: Tensor,
     eps_root: Tensor,
+    grad_scale: Tensor,
+    found_inf: Tensor,
     *,
     dtype: torch.dtype,
 ) -> Coefficients:
@@ -84,8 +93,8 @@ def adamw_coefficients(
     within an ulp of torch's and keeps ``b2**t`` accurate for ``b2`` close to 1.
     """
     f64 = torch.float64
-    step, lr, beta1, beta2, eps, weight_decay, eps_root = (
-        x.to(f64) for x in (step, lr, beta1, beta2, eps, weight_decay, eps_root)
+    step, lr, beta1, beta2, eps, weight_decay, eps_root, grad_scale, found_inf = (
+        x.to(f64) for x in (step, lr, beta1, beta2, eps, weight_decay, eps_root, grad_scale, found_inf)
     )
     bias_correction2 = 1 - beta2**step
     return Coefficients(
@@ -97,6 +106,10 @@ def adamw_coefficients(
         one_minus_beta1=(1 - beta1).to(dtype),
         beta2=beta2.to(dtype),
         one_minus_beta2=(1 - beta2).to(dtype),
+        # Detached: a scaler's values are never differentiated, and a graph that kept them would
+        # save each grad for the multiplication (a param-sized tensor per unrolled step).
+        grad_multiplier=(1 / grad_scale).detach().to(dtype),
+        skip=found_inf.detach().to(dtype),
     )
 
 
@@ -119,18 +132,21 @@ def adamw_elementwise(
     """
     c = coefficients
     dtype = c.step_size.dtype
-    grad = grad.to(dtype)
+    old = [None if x is None else x.to(dtype) for x in (param, exp_avg, exp_avg_sq, max_exp_avg_sq)]
+    grad = grad.to(dtype) * c.grad_multiplier
     if maximize:
         grad = -grad
-    param = param.to(dtype) * c.decay
-    exp_avg = torch.lerp(exp_avg.to(dtype), grad, c.one_minus_beta1)
-    exp_avg_sq = exp_avg_sq.to(dtype) * c.beta2 + c.one_minus_beta2 * grad * grad
+    param = old[0] * c.decay
+    exp_avg = torch.lerp(old[1], grad, c.one_minus_beta1)
+    exp_avg_sq = old[2] * c.beta2 + c.one_minus_beta2 * grad * grad
     if amsgrad:
         assert max_exp_avg_sq is not None, "amsgrad needs max_exp_avg_sq"
-        max_exp_avg_sq = torch.maximum(max_exp_avg_sq.to(dtype), exp_avg_sq)
+        max_exp_avg_sq = torch.maximum(old[3], exp_avg_sq)
         second_moment = max_exp_avg_sq
     else:
         second_moment = exp_avg_sq
     denom = (second_moment + c.root_offset).sqrt() / c.bias_correction2_sqrt + c.eps
     param = param - c.step_size * (exp_avg / denom)
-    return param, exp_avg, exp_avg_sq, max_exp_avg_sq
+    skip = c.skip > 0  # Note [AMP inside the step]
+    return tuple(None if new is None else torch.where(skip, before, new)
+                 for before, new in zip(old, (param, exp_avg, exp_avg_sq, max_exp_avg_sq)))

@@ -68,7 +68,7 @@ def test_each_step_is_two_kernels_one_pass_over_memory():
     params = [torch.zeros(n) for n in (3, 100, 17, 1)]
     update = kernels._compiled_update.__wrapped__("cpu", torch.float32, True, False)
     coefficients = kernels._compiled_coefficients.__wrapped__("cpu", torch.float32)
-    hyperparameters = torch.tensor([1e-3, 0.9, 0.999, 1e-8, 0.01, 0.0], dtype=torch.float64)
+    hyperparameters = torch.tensor([1e-3, 0.9, 0.999, 1e-8, 0.01, 0.0, 1.0, 0.0], dtype=torch.float64)
     with torch._inductor.config.patch(fx_graph_cache=False):
         packed, (scalar_code,) = run_and_get_code(coefficients, torch.tensor(1.0), hyperparameters)
         flat = torch.cat(params)
