@@ -93,7 +93,7 @@ def update(
     for indices in together.values():
         results = step_together(*(_pick(column, indices) for column in (leaves, grad_leaves, exp_avgs, exp_avg_sqs)),
                                 _pick(max_exp_avg_sqs, indices) if amsgrad else None, step, hyperparameters,
-                                amsgrad=amsgrad, maximize=maximize)
+                                amsgrad=amsgrad, maximize=maximize, scaled=False)
         for column, values in zip((new_params, new_exp_avgs, new_exp_avg_sqs, new_maxes), results):
             for i, value in zip(indices, values or [None] * len(indices)):
                 column[i] = value
@@ -125,6 +125,7 @@ def step_flat(
     *,
     amsgrad: bool,
     maximize: bool,
+    scaled: bool,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor | None]:
     """One out-of-place step of 1-D real tensors, results in ``param``'s dtype.
 
@@ -135,7 +136,7 @@ def step_flat(
     dtype = param.dtype
     coefficients = adamw_coefficients(step, *hyperparameters.unbind(), dtype=compute_dtype(dtype))
     new = adamw_elementwise(param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq, coefficients,
-                            amsgrad=amsgrad, maximize=maximize)
+                            amsgrad=amsgrad, maximize=maximize, scaled=scaled)
     return tuple(None if x is None else x.to(dtype) for x in new)
 
 
@@ -150,6 +151,7 @@ def step_together(
     *,
     amsgrad: bool,
     maximize: bool,
+    scaled: bool,
     kernel: Callable[..., tuple] = step_flat,
 ) -> tuple[list[Tensor], list[Tensor], list[Tensor], list[Tensor] | None]:
     """One step of ``params`` that share a step count, a real dtype and complex-ness, as a single
@@ -166,7 +168,7 @@ def step_together(
     if sum(sizes) == 0:
         return tuple(None if column is None else list(column) for column in columns[:1] + columns[2:])
     flat = [None if column is None else torch.cat([_real(x).reshape(-1) for x in column]) for column in columns]
-    new = kernel(*flat, step, hyperparameters, amsgrad=amsgrad, maximize=maximize)
+    new = kernel(*flat, step, hyperparameters, amsgrad=amsgrad, maximize=maximize, scaled=scaled)
     return tuple(None if x is None else [restore(piece, like) for piece, like in zip(x.split(sizes), params)]
                  for x in new)
 

@@ -238,7 +238,7 @@ class AdamW(torch.optim.Optimizer):
         bucket.execute(
             plan,
             lambda step: coefficients(step, hyperparameters),
-            update_kernel(device_type, bucket.real_dtype, amsgrad, maximize, compiled),
+            update_kernel(device_type, bucket.real_dtype, amsgrad, maximize, scaler is not None, compiled),
             step_increment=1 if scaler is None else _not_found(scaler, bucket.device),
             tracing=tracing,
         )
@@ -277,8 +277,9 @@ class AdamW(torch.optim.Optimizer):
             new = step_together(
                 members, [_grad_of(p) for p in members], *([s[key] for s in states] for key in STATE_KEYS[:2]),
                 [s["max_exp_avg_sq"] for s in states] if amsgrad else None, step, hyperparameters[device],
-                amsgrad=amsgrad, maximize=maximize,
-                kernel=differentiable_kernel(device.type, real_dtype, amsgrad, maximize, compiled))
+                amsgrad=amsgrad, maximize=maximize, scaled=scaler is not None,
+                kernel=differentiable_kernel(device.type, real_dtype, amsgrad, maximize, scaler is not None,
+                                             compiled))
             for p, state, new_param, *new_state in zip(members, states, *(column or [None] * len(members)
                                                                            for column in new)):
                 p.copy_(new_param)
