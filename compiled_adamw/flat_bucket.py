@@ -145,16 +145,17 @@ class FlatBucket:
 
     def __init__(self, params: list[Tensor], positions: list[int], *, amsgrad: bool):
         real_per_element = 2 if params[0].is_complex() else 1
+        sizes = [p.numel() * real_per_element for p in params]
         # Small params first (Note [where memory lives]); each group keeps its order.
-        order = sorted(range(len(params)), key=lambda i: params[i].numel() * real_per_element >= DIRECT_ELEMENTS)
+        order = sorted(range(len(params)), key=lambda i: sizes[i] >= DIRECT_ELEMENTS)
         self.params = [params[i] for i in order]
         self.positions = [positions[i] for i in order]  # index of each param in its group's "params"
+        self.sizes = [sizes[i] for i in order]
         params = self.params
         self.device, self.dtype = bucket_key(params[0])
         self.real_dtype = self.dtype.to_real() if self.dtype.is_complex else self.dtype
         self.shapes = [p.shape for p in params]
         self.strides = [_dense_strides(p) for p in params]
-        self.sizes = [p.numel() * real_per_element for p in params]
         self.starts, self.ends, self.padded_ends = [], [], []
         offset = 0
         for size in self.sizes:
@@ -237,7 +238,9 @@ class FlatBucket:
         if self.amsgrad and self.max_exp_avg_sq is None:
             self.max_exp_avg_sq = self._zeros(self.length)
 
-    def set_amsgrad(self, amsgrad: bool) -> None:
+    def set_amsgrad(self, amsgrad: bool, state: MutableMapping[Tensor, dict]) -> None:
+        """Follow ``group["amsgrad"]``; the params' state gains or loses ``max_exp_avg_sq`` with it,
+        so that what ``optimizer.state`` and checkpoints hold is what the step uses."""
         if amsgrad == self.amsgrad:
             return
         self.amsgrad = amsgrad
@@ -245,6 +248,8 @@ class FlatBucket:
         if self.exp_avg is not None:
             self._allocate_state()
         self.prepared.clear()
+        for i in itertools.compress(range(len(self.params)), self.has_state):
+            state[self.params[i]] = self.state_views(i)
 
     def load_state(self, loaded: Mapping[Tensor, Mapping[str, Tensor]],
                    state: MutableMapping[Tensor, dict]) -> None:

@@ -184,6 +184,7 @@ class AdamW(torch.optim.Optimizer):
                 if any(plan.changed for plan in plans[index]):
                     plans[index] = self._rebuild_buckets(index)
                 for bucket in self._buckets[index]:
+                    bucket.set_amsgrad(settings.amsgrad, self.state)
                     bucket.init_state(self.state)
                 for bucket, plan in zip(self._buckets[index], plans[index]):
                     self._step_bucket(settings, bucket, plan, scaler, tracing)
@@ -229,7 +230,6 @@ class AdamW(torch.optim.Optimizer):
     def _step_bucket(self, settings: GroupSettings, bucket: FlatBucket, plan: StepPlan, scaler: Tensor | None,
                      tracing: bool) -> None:
         amsgrad, maximize = settings.amsgrad, settings.maximize
-        bucket.set_amsgrad(amsgrad)
         dtype, device_type = compute_dtype(bucket.dtype), bucket.device.type
         hyperparameters = settings.packed(bucket.device, scaler)
         # Inside a user's torch.compile, the outer compiler traces the plain functions.
@@ -320,7 +320,7 @@ class AdamW(torch.optim.Optimizer):
             loaded = dict(self.state)
             for settings, buckets in zip(self._settings, self._buckets):
                 for bucket in buckets:
-                    bucket.set_amsgrad(settings.amsgrad)
+                    bucket.set_amsgrad(settings.amsgrad, self.state)
                     bucket.load_state(loaded, self.state)
             if self.differentiable:
                 _share_equal_steps(self)

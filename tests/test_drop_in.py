@@ -399,3 +399,23 @@ def test_the_step_never_writes_into_a_grad(set_to_none):
         assert [p.grad for p in model.parameters()] == grads, "p.grad was re-pointed"
         assert [g._version for g in grads] == versions
         torch.testing.assert_close([p.grad for p in model.parameters()], values, rtol=0, atol=0)
+
+
+# ---- what a user reads back is what the step uses ----------------------------------------------
+
+def test_turning_amsgrad_on_mid_run_shows_in_the_state_and_the_checkpoint():
+    model, optimizer, _, _ = _pair()
+    train(model, optimizer, range(2))
+    optimizer.param_groups[0]["amsgrad"] = True
+    train(model, optimizer, range(2, 4))
+    assert all("max_exp_avg_sq" in optimizer.state[p] for p in model.parameters())
+    checkpoint = _through_disk(optimizer.state_dict())
+    assert all("max_exp_avg_sq" in values for values in checkpoint["state"].values())
+    resumed_model, _ = model_and_twin()
+    resumed_model.load_state_dict(model.state_dict())
+    resumed = ours(resumed_model, amsgrad=True)
+    resumed.load_state_dict(checkpoint)
+    train(model, optimizer, range(4, 6))
+    train(resumed_model, resumed, range(4, 6))
+    for p, q in zip(model.parameters(), resumed_model.parameters()):
+        assert torch.equal(p, q)
