@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import io
 
 import torch
 
@@ -63,3 +64,11 @@ def assert_models_close(a: torch.nn.Module, b: torch.nn.Module) -> None:
 
 def ours(model: torch.nn.Module, **kwargs) -> AdamW:
     return AdamW(model.parameters(), lr=1e-2, **kwargs)
+
+
+def through_disk(obj, **load_kwargs):
+    """``obj`` after ``torch.save`` and ``torch.load`` (``weights_only=True`` unless overridden)."""
+    buffer = io.BytesIO()
+    torch.save(obj, buffer)
+    buffer.seek(0)
+    return torch.load(buffer, **{"weights_only": True, **load_kwargs})

@@ -16,14 +16,7 @@ from torch.distributed.optim import ZeroRedundancyOptimizer
 
 from compiled_adamw import AdamW
 
-from .helpers import assert_models_close, assert_same, batch, model_and_twin, ours, snapshot, train
-
-
-def _through_disk(obj, **load_kwargs):
-    buffer = io.BytesIO()
-    torch.save(obj, buffer)
-    buffer.seek(0)
-    return torch.load(buffer, **{"weights_only": True, **load_kwargs})
+from .helpers import assert_models_close, assert_same, batch, model_and_twin, ours, snapshot, through_disk, train
 
 
 def _pair(**kwargs):
@@ -58,7 +51,7 @@ def test_one_cycle_resume_from_a_mid_run_checkpoint_equals_the_uninterrupted_run
     optimizer = make(model)
     scheduler = _one_cycle(optimizer)
     train(model, optimizer, range(5), scheduler)
-    checkpoint = _through_disk({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
+    checkpoint = through_disk({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
                                 "scheduler": scheduler.state_dict()})
     train(model, optimizer, range(5, 10), scheduler)
 
@@ -95,7 +88,7 @@ def test_loading_groups_that_differ_gives_each_group_its_own_values():
     optimizer = AdamW([{"params": model[0].parameters()}, {"params": model[2].parameters()}], weight_decay=shared)
     reference = torch.optim.AdamW([{"params": twin[0].parameters(), "weight_decay": 0.1},
                                    {"params": twin[2].parameters(), "weight_decay": 0.0}], lr=1e-3)
-    optimizer.load_state_dict(_through_disk(reference.state_dict()))
+    optimizer.load_state_dict(through_disk(reference.state_dict()))
     assert shared.item() == 0.1, "the user's tensor is not the checkpoint's to write"
     assert [g["weight_decay"] for g in optimizer.param_groups] == [0.1, 0.0]
     assert [v[4].item() for v in (s.vector for s in optimizer._settings)] == [0.1, 0.0]
@@ -223,7 +216,7 @@ def test_a_grad_reshaped_in_place_is_named_not_stepped():
 _COPIES = {
     "deepcopy": copy.deepcopy,
     "pickle": lambda obj: pickle.loads(pickle.dumps(obj)),
-    "torch.save": lambda obj: _through_disk(obj, weights_only=False),
+    "torch.save": lambda obj: through_disk(obj, weights_only=False),
 }
 
 
@@ -409,7 +402,7 @@ def test_turning_amsgrad_on_mid_run_shows_in_the_state_and_the_checkpoint():
     optimizer.param_groups[0]["amsgrad"] = True
     train(model, optimizer, range(2, 4))
     assert all("max_exp_avg_sq" in optimizer.state[p] for p in model.parameters())
-    checkpoint = _through_disk(optimizer.state_dict())
+    checkpoint = through_disk(optimizer.state_dict())
     assert all("max_exp_avg_sq" in values for values in checkpoint["state"].values())
     resumed_model, _ = model_and_twin()
     resumed_model.load_state_dict(model.state_dict())

@@ -2,20 +2,12 @@
 
 from __future__ import annotations
 
-import io
 
 import pytest
 import torch
 
 
-from .helpers import assert_models_close, batch, model_and_twin, ours, train
-
-
-def _through_disk(state_dict: dict, **load_kwargs) -> dict:
-    buffer = io.BytesIO()
-    torch.save(state_dict, buffer)
-    buffer.seek(0)
-    return torch.load(buffer, weights_only=True, **load_kwargs)
+from .helpers import assert_models_close, batch, model_and_twin, ours, through_disk, train
 
 
 def _torch_keys(groups: list[dict]) -> list[dict]:
@@ -32,7 +24,7 @@ def test_state_dict_round_trip_with_torch(direction):
     twin.load_state_dict(model.state_dict())
     second = (torch.optim.AdamW(twin.parameters(), lr=1e-2, amsgrad=True) if direction == "ours-to-torch"
               else ours(twin, amsgrad=True))
-    second.load_state_dict(_through_disk(first.state_dict(), map_location="cpu"))
+    second.load_state_dict(through_disk(first.state_dict(), map_location="cpu"))
     assert _torch_keys(second.state_dict()["param_groups"]) == _torch_keys(first.state_dict()["param_groups"])
     assert float(second.param_groups[0]["eps_root"]) == 0.0
     train(model, first, range(5, 10))

@@ -8,7 +8,6 @@ fast; ``HYPOTHESIS_PROFILE=soak`` runs many more examples.
 
 from __future__ import annotations
 
-import io
 import os
 
 import hypothesis.strategies as st
@@ -19,6 +18,7 @@ from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, pr
 from compiled_adamw import AdamW
 
 from .configs import TOLERANCES
+from .helpers import through_disk
 
 settings.register_profile("ci", max_examples=60, stateful_step_count=25, derandomize=True, deadline=None,
                           suppress_health_check=[HealthCheck.too_slow])
@@ -39,13 +39,6 @@ def _tensor(shape, dtype, generator):
         x = torch.complex(x, torch.randn(shape, generator=generator, dtype=torch.float64))
     x = x.to(dtype)
     return x.contiguous(memory_format=torch.channels_last) if x.dim() == 4 else x
-
-
-def _through_disk(state_dict):
-    buffer = io.BytesIO()
-    torch.save(state_dict, buffer)
-    buffer.seek(0)
-    return torch.load(buffer, weights_only=True)
 
 
 def _plain(value):
@@ -124,17 +117,17 @@ class OursAgainstTorch(RuleBasedStateMachine):
         for side in SIDES:
             self.schedulers[side].step()
 
-    @rule(through_disk=st.booleans())
-    def round_trip_into_the_same_optimizer(self, through_disk: bool) -> None:
+    @rule(saved=st.booleans())
+    def round_trip_into_the_same_optimizer(self, saved: bool) -> None:
         for side in SIDES:
             state_dict = self.optimizers[side].state_dict()
-            self.optimizers[side].load_state_dict(_through_disk(state_dict) if through_disk else state_dict)
+            self.optimizers[side].load_state_dict(through_disk(state_dict) if saved else state_dict)
 
     @rule()
     def round_trip_into_a_fresh_optimizer(self) -> None:
         for side in SIDES:
             old, scheduler = self.optimizers[side], self.schedulers[side]
-            state_dict = _through_disk(old.state_dict())
+            state_dict = through_disk(old.state_dict())
             groups = [{"params": g["params"]} for g in old.param_groups]
             fresh = self._optimizer(side, groups)
             fresh_scheduler = torch.optim.lr_scheduler.ExponentialLR(fresh, gamma=0.9)
@@ -145,7 +138,7 @@ class OursAgainstTorch(RuleBasedStateMachine):
     @rule(into_ours=st.booleans())
     def cross_load(self, into_ours: bool) -> None:
         source, target = ("torch", "ours") if into_ours else ("ours", "torch")
-        state_dict = _through_disk(self.optimizers[source].state_dict())
+        state_dict = through_disk(self.optimizers[source].state_dict())
         self.optimizers[target].load_state_dict(state_dict)
         # The source reloads its own checkpoint too, so both sides hold the same (rounded) values.
         self.optimizers[source].load_state_dict(state_dict)
