@@ -295,8 +295,11 @@ class FlatBucket:
         return StepPlan(self._runs(present), present, grads, away, changed)
 
     def _all_home(self) -> bool:
-        """The common case, checked at C speed: every param at its home, with its shape."""
-        return list(map(Tensor.data_ptr, self.params)) == self.home_ptrs and list(map(_shape, self.params)) == self.shapes
+        """The common case, checked at C speed: every param at its home, with its shape and its
+        strides (a square param transposed in place keeps its pointer and its shape)."""
+        return (list(map(Tensor.data_ptr, self.params)) == self.home_ptrs
+                and list(map(_shape, self.params)) == self.shapes
+                and list(map(Tensor.stride, self.params)) == self.strides)
 
     def _find_away(self, where: Callable[[int], str]) -> tuple[frozenset[int], bool]:
         away, changed = set(), False
@@ -307,7 +310,7 @@ class FlatBucket:
                         f"{where(self.positions[i])} changed shape from {tuple(self.shapes[i])} to "
                         f"{tuple(param.shape)} after it was stepped; its state no longer fits")
                 changed = True
-            elif param.data_ptr() != self.home_ptrs[i]:
+            elif param.data_ptr() != self.home_ptrs[i] or param.stride() != self.strides[i]:
                 away.add(i)
         return frozenset(away), changed
 

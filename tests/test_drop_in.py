@@ -360,6 +360,27 @@ def test_params_keep_their_strides():
     torch.testing.assert_close(params, references)
 
 
+def test_a_square_param_transposed_in_place_is_stepped_by_its_elements():
+    """Same pointer, same shape, other strides: the state pairs with the param's elements."""
+    def make() -> list[torch.nn.Parameter]:
+        generator = torch.Generator().manual_seed(0)
+        return [torch.nn.Parameter(torch.randn(4, 4, generator=generator)),
+                torch.nn.Parameter(torch.randn(3, generator=generator))]
+
+    params, references = make(), make()
+    optimizer, reference = AdamW(params, lr=0.1), torch.optim.AdamW(references, lr=0.1)
+    for step in range(4):
+        if step == 2:
+            for p in (params[0], references[0]):
+                p.data = p.data.t()
+        for p, q in zip(params, references):
+            grad = torch.arange(p.numel(), dtype=torch.float32).reshape(p.shape) + step
+            p.grad, q.grad = grad.clone(), grad.clone()
+        optimizer.step()
+        reference.step()
+    torch.testing.assert_close(params, references)
+
+
 # ---- 13. saving part of a model --------------------------------------------------------------
 
 def test_saving_part_of_a_model_writes_that_parts_bytes():
