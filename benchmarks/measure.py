@@ -29,13 +29,10 @@ def _synchronize(device: str) -> None:
         torch.cuda.synchronize()
 
 
-def time_interleaved(steps: dict[str, Callable[[], Any]], *, device: str, repetitions: int,
-                     warmup: int, progress: Callable[[], None] = lambda: None) -> dict[str, list[float]]:
-    """Seconds per call of each step. The steps take turns (one call each per round), so that
-    the machine's noise falls on every contender alike and the ratios stay meaningful."""
-    for step in steps.values():
-        for _ in range(warmup):
-            step()
+def time_interleaved(steps: dict[str, Callable[[], Any]], *, device: str, repetitions: int) -> dict[str, list[float]]:
+    """Seconds per call of each step, already warmed up. The steps take turns (one call each per
+    round), so that the machine's noise falls on every contender alike and the ratios stay
+    meaningful."""
     times: dict[str, list[float]] = {name: [] for name in steps}
     for _ in range(repetitions):
         for name, step in steps.items():
@@ -44,7 +41,6 @@ def time_interleaved(steps: dict[str, Callable[[], Any]], *, device: str, repeti
             step()
             _synchronize(device)
             times[name].append(time.perf_counter() - start)
-        progress()
     return times
 
 

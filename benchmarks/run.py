@@ -143,7 +143,7 @@ def _workload(workload: Workload, contenders: list[Contender], settings: Setting
     for _ in range(1 + settings.warmup):
         steps["roof"]()
     progress(f"{workload.name}: timing {len(steps)} steps, interleaved")
-    times = time_interleaved(steps, device=device, repetitions=settings.repetitions, warmup=0)
+    times = time_interleaved(steps, device=device, repetitions=settings.repetitions)
     roof = summarize(times.pop("roof"))
     roof["bandwidth_GBps"] = workload.bytes_per_step / roof["median_ms"] / 1e6
     for name, seconds in times.items():

@@ -104,6 +104,7 @@ class GroupSettings:
 
     def __init__(self, group: dict[str, Any], device: torch.device, where: str):
         self.device, self.where = device, where
+        self.params = tuple(group["params"])  # what the buckets were built from
         self.amsgrad, self.maximize = bool(group["amsgrad"]), bool(group["maximize"])
         values = {name: group_value(group, name) for name in SCALAR_NAMES}
         numbers = [check_value(name, value, where) for name, value in values.items()]

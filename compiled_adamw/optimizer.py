@@ -9,6 +9,7 @@ hyperparameter tensors and param groups are :mod:`compiled_adamw.hyperparameters
 from __future__ import annotations
 
 import math
+import operator
 import warnings
 from collections import defaultdict
 from typing import Any, Callable, Iterable
@@ -176,6 +177,9 @@ class AdamW(torch.optim.Optimizer):
                 for group, settings in zip(self.param_groups, self._settings):
                     self._step_differentiable(group["params"], settings, scaler, tracing)
             return loss
+        if not tracing:  # a user's compile must not read the groups (GroupSettings' docstring)
+            for index, (group, settings) in enumerate(zip(self.param_groups, self._settings)):
+                _check_params_unchanged(index, group, settings)
         with torch.no_grad():
             plans = [[bucket.plan(_namer(index), tracing=tracing) for bucket in buckets]
                      for index, buckets in enumerate(self._buckets)]
@@ -354,6 +358,14 @@ def _on_device(value: Any, device: torch.device) -> Any:
     if isinstance(value, (tuple, list)):
         return type(value)(_on_device(v, device) for v in value)
     return value.to(device) if isinstance(value, Tensor) and value.device != device else value
+
+
+def _check_params_unchanged(index: int, group: dict[str, Any], settings: GroupSettings) -> None:
+    """The step uses the params a group was added with; a list changed in place would be ignored."""
+    params = group["params"]
+    if len(params) != len(settings.params) or not all(map(operator.is_, params, settings.params)):
+        raise RuntimeError(f"param_groups[{index}]['params'] was changed in place after the group was added; "
+                           "the optimizer steps the params it was given: add params with add_param_group")
 
 
 def _check_differentiable_group(index: int, group: dict[str, Any]) -> None:
