@@ -233,10 +233,13 @@ class FlatBucket:
         return state
 
     def _allocate_state(self) -> None:
+        """The state buffers, made when the first state is; calls prepared before name none."""
         if self.exp_avg is None:
             self.exp_avg, self.exp_avg_sq = self._zeros(self.length), self._zeros(self.length)
+            self.prepared.clear()
         if self.amsgrad and self.max_exp_avg_sq is None:
             self.max_exp_avg_sq = self._zeros(self.length)
+            self.prepared.clear()
 
     def set_amsgrad(self, amsgrad: bool, state: MutableMapping[Tensor, dict]) -> None:
         """Follow ``group["amsgrad"]``; the params' state gains or loses ``max_exp_avg_sq`` with it,
