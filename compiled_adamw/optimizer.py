@@ -222,13 +222,13 @@ class AdamW(torch.optim.Optimizer):
         """A param of group ``index`` changed dtype, device or shape (``model.half()``,
         ``model.to(...)``): new buckets at the params' new home, the state carried over as
         ``load_state_dict`` would carry it (cast to the param's dtype, on its device)."""
-        group = self.param_groups[index]
-        carried = {p: dict(self.state[p]) for p in group["params"] if p in self.state}
-        self._buckets[index] = group_into_buckets(group["params"], amsgrad=group["amsgrad"])
+        settings = self._settings[index]
+        carried = {p: dict(self.state[p]) for p in settings.params if p in self.state}
+        self._buckets[index] = group_into_buckets(settings.params, amsgrad=settings.amsgrad)
         for bucket in self._buckets[index]:
             bucket.load_state(carried, self.state)
-        if group["params"]:
-            self._settings[index].move_to(group["params"][0].device)
+        if settings.params:
+            settings.move_to(settings.params[0].device)
         return [bucket.plan(_namer(index), tracing=False) for bucket in self._buckets[index]]
 
     def _step_bucket(self, settings: GroupSettings, bucket: FlatBucket, plan: StepPlan, scaler: Tensor | None,
