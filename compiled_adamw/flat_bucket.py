@@ -14,7 +14,12 @@ is, for every path (our own layout, someone else's buckets, autograd's fresh gra
   to its segment through a tensor with a storage object of its own (DLPack aliasing): the same
   ``Parameter``, shape and strides; ``torch.save`` of part of a model writes that part's bytes;
   ``model.load_state_dict`` copies in place. A param that is not dense (a strided slice) is left
-  where it is.
+  where it is, and so is a sharded param (a ``DTensor``, FSDP2's): its local shard is FSDP's
+  memory, which FSDP all-gathers from, so re-pointing it would make FSDP gather stale values.
+* **A sharded param is stepped as its local shard** (:func:`memory_of`). The update is
+  elementwise, so each rank steps its shard with the same kernels; the state's buffers are the
+  shards' (flat, ours) and ``optimizer.state[p]`` holds them as DTensors with the param's mesh and
+  placements, which is what ``torch.distributed.checkpoint`` saves and reshards.
 * **A param re-pointed by someone else is stepped where it now lives**, never taken back: ZeRO's
   bucket views, ``load_state_dict(assign=True)``, ``p.data = p.data.contiguous()``. If its strides
   match its state's, the kernel reads and writes its memory directly; otherwise (another layout,
@@ -57,18 +62,32 @@ from torch import Tensor
 from .kernels import without_base
 
 __all__ = ["ALIGNMENT", "CHUNK_ELEMENTS", "DIRECT_ELEMENTS", "STATE_KEYS", "FlatBucket", "StepPlan",
-           "bucket_key", "check_grad", "group_into_buckets"]
+           "bucket_key", "check_grad", "group_into_buckets", "is_sharded", "memory_of"]
 
 ALIGNMENT = 16
 CHUNK_ELEMENTS = 1 << 18
 DIRECT_ELEMENTS = 1 << 16
 STATE_KEYS = ("exp_avg", "exp_avg_sq", "max_exp_avg_sq")
 
+_DTensor = None
+if torch.distributed.is_available():
+    from torch.distributed.tensor import DTensor as _DTensor
+
 _shape, _dtype, _device, _layout = map(operator.attrgetter, ("shape", "dtype", "device", "layout"))
 
 
-def bucket_key(param: Tensor) -> tuple[torch.device, torch.dtype]:
-    return param.device, param.dtype
+def is_sharded(tensor: Tensor | None) -> bool:
+    return _DTensor is not None and isinstance(tensor, _DTensor)
+
+
+def memory_of(tensor: Tensor) -> Tensor:
+    """The tensor whose memory a step reads and writes: a DTensor's local shard (call it under
+    ``torch.no_grad()``: then it is the shard itself, not an autograd node), else ``tensor``."""
+    return tensor.to_local() if is_sharded(tensor) else tensor
+
+
+def bucket_key(param: Tensor) -> tuple[torch.device, torch.dtype, bool]:
+    return param.device, param.dtype, is_sharded(param)
 
 
 def check_grad(name: str, grad: Tensor, device: torch.device, dtype: torch.dtype, shape: torch.Size) -> None:
@@ -124,7 +143,8 @@ class StepPlan(NamedTuple):
 
     runs: list[tuple[int, int]]  # [first, last) param indices, each run sharing one step count
     present: list[bool]  # which params have a grad
-    grads: list[Tensor | None]
+    grads: list[Tensor | None]  # dense grads: a sharded param's are its grad's local shard
+    memories: list[Tensor]  # what each param's step writes: the param, or its local shard
     away: frozenset[int]  # params that live somewhere else than their home (stepped there)
     changed: bool  # a param changed dtype, device or shape: the group's buckets must be rebuilt
 
@@ -144,18 +164,20 @@ class FlatBucket:
     """Params of one (group, device, dtype) and their state in flat, aligned buffers."""
 
     def __init__(self, params: list[Tensor], positions: list[int], *, amsgrad: bool):
+        self.sharded = is_sharded(params[0])
+        memories = [memory_of(p) for p in params]
         real_per_element = 2 if params[0].is_complex() else 1
-        sizes = [p.numel() * real_per_element for p in params]
+        sizes = [m.numel() * real_per_element for m in memories]
         # Small params first (Note [where memory lives]); each group keeps its order.
         order = sorted(range(len(params)), key=lambda i: sizes[i] >= DIRECT_ELEMENTS)
         self.params = [params[i] for i in order]
         self.positions = [positions[i] for i in order]  # index of each param in its group's "params"
         self.sizes = [sizes[i] for i in order]
-        params = self.params
-        self.device, self.dtype = bucket_key(params[0])
+        params, memories = self.params, [memories[i] for i in order]
+        self.device, self.dtype, _ = bucket_key(params[0])
         self.real_dtype = self.dtype.to_real() if self.dtype.is_complex else self.dtype
-        self.shapes = [p.shape for p in params]
-        self.strides = [_dense_strides(p) for p in params]
+        self.shapes = [m.shape for m in memories]
+        self.strides = [_dense_strides(m) for m in memories]
         self.starts, self.ends, self.padded_ends = [], [], []
         offset = 0
         for size in self.sizes:
@@ -179,12 +201,13 @@ class FlatBucket:
         self._lay_out_chunks()
         self.home_ptrs: list[int | None] = [None] * len(params)
         with torch.no_grad():
-            for i, p in enumerate(params):
+            for i, memory in enumerate(memories):
                 self.flat_param[self.ends[i] : self.padded_ends[i]].zero_()
-                if p.stride() == self.strides[i]:
+                if memory.stride() == self.strides[i] and not self.sharded:
                     self._bring_home(i)
                 else:  # stepped where it is: its segment is only ever padding
                     self.flat_param[self.starts[i] : self.ends[i]].zero_()
+        self.never_home = frozenset(i for i, ptr in enumerate(self.home_ptrs) if ptr is None)
 
     def _zeros(self, length: int) -> Tensor:
         return _static(torch.zeros(length, dtype=self.real_dtype, device=self.device))
@@ -229,8 +252,18 @@ class FlatBucket:
         for key in STATE_KEYS:
             buffer = getattr(self, key)
             if buffer is not None:
-                state[key] = self._view(buffer, i)
+                state[key] = self._as_param(self._view(buffer, i), i)
         return state
+
+    def _as_param(self, shard: Tensor, i: int) -> Tensor:
+        """``shard`` as param ``i`` is: a DTensor with its mesh and placements if it is sharded."""
+        if not self.sharded:
+            return shard
+        param = self.params[i]
+        # Its own storage: a DTensor over a view at an offset reports a data_ptr, and deepcopy
+        # then copies the wrapper's (unallocated) storage and fails.
+        return _DTensor.from_local(_own_storage(shard), param.device_mesh, param.placements, run_check=False,
+                                   shape=param.shape, stride=param.stride())
 
     def _allocate_state(self) -> None:
         """The state buffers, made when the first state is; calls prepared before name none."""
@@ -269,7 +302,7 @@ class FlatBucket:
                     continue
                 target = buffer if key == "step" else self._view(buffer, i)
                 if values is not None and key in values:
-                    target.copy_(values[key])
+                    target.copy_(memory_of(values[key]))
                 else:
                     target.zero_()
             if values is not None:
@@ -284,36 +317,39 @@ class FlatBucket:
     def plan(self, where: Callable[[int], str], *, tracing: bool) -> StepPlan:
         """Inspect params and grads and decide the step; raises before anything is mutated."""
         grads = [p.grad for p in self.params]
+        memories = self.params
+        if self.sharded:
+            memories = list(map(memory_of, memories))
+            grads = [None if g is None else memory_of(g) for g in grads]
         present = [g is not None for g in grads]
-        away: frozenset[int] = frozenset()
-        changed = False
+        away, changed = self.never_home, False
         # Pointers cannot be read while tracing: a user's compile trusts the params to be home.
-        if not tracing and not self._all_home():
-            away, changed = self._find_away(where)
+        if not tracing and not self._all_home(memories):
+            away, changed = self._find_away(memories, where)
         # While tracing, the check costs trace time only, and attrgetter cannot be traced.
         if tracing or changed or not self._grads_fit(grads, present):
-            for i, (param, grad) in enumerate(zip(self.params, grads)):
+            for i, (memory, grad) in enumerate(zip(memories, grads)):
                 if grad is not None:
-                    check_grad(where(self.positions[i]), grad, param.device, param.dtype, param.shape)
-        return StepPlan(self._runs(present), present, grads, away, changed)
+                    check_grad(where(self.positions[i]), grad, memory.device, memory.dtype, memory.shape)
+        return StepPlan(self._runs(present), present, grads, memories, away, changed)
 
-    def _all_home(self) -> bool:
+    def _all_home(self, memories: list[Tensor]) -> bool:
         """The common case, checked at C speed: every param at its home, with its shape and its
         strides (a square param transposed in place keeps its pointer and its shape)."""
-        return (list(map(Tensor.data_ptr, self.params)) == self.home_ptrs
-                and list(map(_shape, self.params)) == self.shapes
-                and list(map(Tensor.stride, self.params)) == self.strides)
+        return (list(map(Tensor.data_ptr, memories)) == self.home_ptrs
+                and list(map(_shape, memories)) == self.shapes
+                and list(map(Tensor.stride, memories)) == self.strides)
 
-    def _find_away(self, where: Callable[[int], str]) -> tuple[frozenset[int], bool]:
+    def _find_away(self, memories: list[Tensor], where: Callable[[int], str]) -> tuple[frozenset[int], bool]:
         away, changed = set(), False
-        for i, param in enumerate(self.params):
-            if (param.device, param.dtype, param.shape) != (self.device, self.dtype, self.shapes[i]):
-                if param.shape != self.shapes[i] and self.has_state[i]:
+        for i, memory in enumerate(memories):
+            if (memory.device, memory.dtype, memory.shape) != (self.device, self.dtype, self.shapes[i]):
+                if memory.shape != self.shapes[i] and self.has_state[i]:
                     raise RuntimeError(
                         f"{where(self.positions[i])} changed shape from {tuple(self.shapes[i])} to "
-                        f"{tuple(param.shape)} after it was stepped; its state no longer fits")
+                        f"{tuple(memory.shape)} after it was stepped; its state no longer fits")
                 changed = True
-            elif param.data_ptr() != self.home_ptrs[i] or param.stride() != self.strides[i]:
+            elif memory.data_ptr() != self.home_ptrs[i] or memory.stride() != self.strides[i]:
                 away.add(i)
         return frozenset(away), changed
 
@@ -396,7 +432,7 @@ class FlatBucket:
                     torch._foreach_copy_(call.gathered, grads[call.first : call.last])
                     update(call.param, call.grad, *call.state, scalars)
                 else:
-                    self._update_one(call, grads[call.first], scalars, update)
+                    self._update_one(call, plan.memories[call.first], grads[call.first], scalars, update)
         self._advance_cohorts(plan.present)
 
     def init_state(self, state: MutableMapping[Tensor, dict]) -> None:
@@ -409,27 +445,32 @@ class FlatBucket:
                 self.has_state[i] = True
                 state[param] = self.state_views(i)
 
-    def _update_one(self, call: _Call, grad: Tensor, scalars: Tensor, update: Callable[..., None]) -> None:
+    def _update_one(self, call: _Call, memory: Tensor, grad: Tensor, scalars: Tensor,
+                    update: Callable[..., None]) -> None:
         """A call of its own for a large param or one that lives elsewhere: its grad and (if it
         lives elsewhere) its memory are read in place when their strides are the state's, and
         otherwise pass through temporaries in the state's layout."""
         i = call.first
-        param = self.params[i].detach()
+        param = memory.detach()
         in_place = grad.stride() == self.strides[i] and (call.param is not None or param.stride() == self.strides[i])
         if in_place and self.sizes[i] >= 2:
             update(in_memory_order(param) if call.param is None else call.param, in_memory_order(grad),
                    *call.state, scalars)
             return
+        # Temporaries made without as_strided, whose mutation a user's compile cannot trace: a
+        # factory tensor in the state's layout, and its values in memory order, padded as the
+        # state's window is.
+        dense_param, dense_grad = (torch.empty_strided(self.shapes[i], self.strides[i], dtype=self.dtype,
+                                                       device=self.device).copy_(t) for t in (param, grad))
+        param_values, grad_values = in_memory_order(dense_param), in_memory_order(dense_grad)
+        padding = param_values.new_zeros(self.padded_ends[i] - self.ends[i])
+        temporary_param, temporary_grad = torch.cat([param_values, padding]), torch.cat([grad_values, padding])
         window = slice(self.starts[i], self.padded_ends[i])
-        temporary_param, temporary_grad = (torch.zeros(window.stop - window.start, dtype=self.real_dtype,
-                                                       device=self.device) for _ in range(2))
-        param_view, grad_view = (self._view(t, i, 0) for t in (temporary_param, temporary_grad))
-        param_view.copy_(param)
-        grad_view.copy_(grad)
         state = tuple(None if buffer is None else buffer[window]
                       for buffer in (self.exp_avg, self.exp_avg_sq, self.max_exp_avg_sq))
         update(temporary_param, temporary_grad, *state, scalars)
-        param.copy_(param_view)
+        param_values.copy_(temporary_param[: self.sizes[i]])
+        param.copy_(dense_param)
 
     def _advance_cohorts(self, present: list[bool]) -> None:
         if all(present):

@@ -17,7 +17,7 @@ from typing import Any, Callable, Iterable
 import torch
 from torch import Tensor
 
-from .flat_bucket import STATE_KEYS, FlatBucket, StepPlan, check_grad, group_into_buckets
+from .flat_bucket import STATE_KEYS, FlatBucket, StepPlan, check_grad, group_into_buckets, is_sharded
 from .functional import group_key, step_together
 from .hyperparameters import (GROUP_KEYS, OPTIONAL_DEFAULTS, SCALAR_NAMES, GroupSettings, ParamGroup, check_value,
                               group_value)
@@ -429,6 +429,10 @@ def _validate_checkpoint(optimizer: AdamW, state_dict: dict[str, Any]) -> None:
                                       f"loaded state[{param_id!r}] (for {_param_name(index, position)})")
 
 
+def _placement(value: Tensor) -> str:
+    return f"{value.placements} on {value.device_mesh}" if is_sharded(value) else "a plain tensor"
+
+
 def _validate_param_state(values: Any, param: Tensor, amsgrad: bool, where: str) -> None:
     if not isinstance(values, dict):
         raise ValueError(f"{where} must be a dict, got {type(values).__name__}")
@@ -456,3 +460,8 @@ def _validate_param_state(values: Any, param: Tensor, amsgrad: bool, where: str)
                              f"{tuple(param.shape)}")
         if value.is_complex() != param.is_complex() or not (value.is_floating_point() or value.is_complex()):
             raise ValueError(f"{where}[{key!r}] is {value.dtype}, which does not fit a {param.dtype} param")
+        if is_sharded(param) and not (is_sharded(value) and value.placements == param.placements
+                                      and value.device_mesh == param.device_mesh):
+            raise ValueError(f"{where}[{key!r}] must be a DTensor sharded as its param is ({param.placements} on "
+                             f"{param.device_mesh}), got {_placement(value)}; load sharded checkpoints with "
+                             "torch.distributed.checkpoint, which reshards them")

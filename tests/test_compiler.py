@@ -110,6 +110,26 @@ def test_step_inside_a_users_fullgraph_compile_with_a_scheduler_attached():
     assert_models_close(model, twin)
 
 
+def test_a_param_left_where_it_lives_is_stepped_there_inside_a_users_compile():
+    """A param that is not dense stays in its own memory (Note [where memory lives]); a user's
+    trace, which cannot read pointers, must step it there too, not in its unused flat segment."""
+    model, twin = model_and_twin()
+    for m in (model, twin):
+        spread = torch.zeros(8, 12)
+        spread[:, ::2] = m[0].weight.detach()
+        m[0].weight = torch.nn.Parameter(spread[:, ::2])
+    optimizer, reference = ours(model), torch.optim.AdamW(twin.parameters(), lr=1e-2)
+    compiled_step = torch.compile(optimizer.step, fullgraph=True)
+    for step in range(3):
+        for m, o, do_step in ((model, optimizer, compiled_step), (twin, reference, reference.step)):
+            x, y = batch(step)
+            o.zero_grad()
+            torch.nn.functional.mse_loss(m(x), y).backward()
+            do_step()
+    assert not model[0].weight.is_contiguous()
+    assert_models_close(model, twin)
+
+
 def test_step_reads_no_tensor_value_on_the_host():
     """On the meta device any host read raises: the whole step, schedulers included, runs."""
     params = [torch.nn.Parameter(torch.empty(s, device="meta")) for s in [(3, 4), (), (0,), (5,)]]

@@ -1,62 +1,253 @@
-"""Two ranks on loopback (gloo): params that ZeroRedundancyOptimizer re-points into its buckets are
-stepped there, so the ranks stay identical, as with torch.optim.AdamW (Note [where memory lives]).
+"""Two ranks on loopback (gloo), each test one spawn: ZeroRedundancyOptimizer (params re-pointed
+into its buckets are stepped there), DDP (grads read where DDP's buckets put them) and FSDP2
+(sharded params stepped as their local shards, state kept as DTensors, sharded checkpoints)
+-- Note [where memory lives]. Every run is compared with torch.optim.AdamW under the same wrapper,
+or with one process on the full batch.
 
 The step runs eagerly here (``compile=False``: the same functions, and the same placement code,
-without two processes compiling on a 2-core machine)."""
+without two processes compiling on a 2-core machine); ``test_drop_in.py`` and the one-rank FSDP2
+test below step through the compiled kernels.
+"""
 
 from __future__ import annotations
 
+import copy
 import datetime
+import functools
+import warnings
 
+import pytest
 import torch
 import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
 import torch.multiprocessing as mp
+from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+from torch.distributed.fsdp import fully_shard
 from torch.distributed.optim import ZeroRedundancyOptimizer
+from torch.distributed.tensor import DTensor
+from torch.nn.parallel import DistributedDataParallel
 
 from compiled_adamw import AdamW
 
 from .helpers import batch, model_and_twin
 
+WORLD_SIZE = 2
 STEPS = 4
+EAGER = dict(compile=False)
 
 
-def _train_under_zero(rank: int, world_size: int, store: str, bucket_view: bool, results) -> None:
-    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world_size,
-                            timeout=datetime.timedelta(seconds=60))
-    try:
-        finals = []
-        for optimizer_class, options in ((AdamW, dict(compile=False)), (torch.optim.AdamW, {})):
-            model, _ = model_and_twin()
-            optimizer = ZeroRedundancyOptimizer(model.parameters(), optimizer_class=optimizer_class,
-                                                parameters_as_bucket_view=bucket_view, lr=1e-2, **options)
-            for step in range(STEPS):
-                x, y = batch(10 * step + rank)  # each rank its own data
-                optimizer.zero_grad()
-                torch.nn.functional.mse_loss(model(x), y).backward()
-                for p in model.parameters():  # data-parallel: the mean grad on every rank
-                    dist.all_reduce(p.grad)
-                    p.grad /= world_size
-                optimizer.step()
-            finals.append(torch.cat([p.detach().reshape(-1) for p in model.parameters()]))
-        results[rank] = torch.stack(finals)
-    finally:
-        dist.destroy_process_group()
+def _in_process_group(worker):
+    """``worker(rank, *args)`` run inside a gloo process group of WORLD_SIZE ranks; what it returns
+    lands in ``results[rank]``."""
+    @functools.wraps(worker)
+    def run(rank: int, store: str, results, *args) -> None:
+        dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=WORLD_SIZE,
+                                timeout=datetime.timedelta(seconds=60))
+        try:
+            with warnings.catch_warnings():
+                warnings.filterwarnings("ignore", category=FutureWarning)
+                results[rank] = worker(rank, *args)
+        finally:
+            dist.destroy_process_group()
+    return run
 
 
-def _run(bucket_view: bool, folder) -> list[torch.Tensor]:
-    world_size = 2
-    folder.mkdir()
+def _spawn(worker, folder, *args) -> list:
+    folder.mkdir(exist_ok=True)
     with mp.Manager() as manager:
         results = manager.dict()
-        mp.spawn(_train_under_zero, args=(world_size, str(folder / "store"), bucket_view, results),
-                 nprocs=world_size, join=True)
-        return [results[rank] for rank in range(world_size)]
+        mp.spawn(worker, args=(str(folder / "store"), results, *args), nprocs=WORLD_SIZE, join=True)
+        return [results[rank] for rank in range(WORLD_SIZE)]
 
 
-def test_zero_with_bucket_views_keeps_the_ranks_identical_and_equal_to_torch(tmp_path):
-    for bucket_view in (True, False):
-        (rank0, rank1) = _run(bucket_view, tmp_path / str(bucket_view))
-        ours, theirs = rank0
-        assert torch.equal(rank0[0], rank1[0]), f"bucket_view={bucket_view}: the ranks drifted apart"
-        torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-6)
-        assert not torch.equal(ours, torch.cat([p.detach().reshape(-1) for p in model_and_twin()[0].parameters()]))
+def _rank_batch(step: int, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
+    return batch(10 * step + rank)  # each rank its own data
+
+
+def _full_batch(step: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """What all ranks see together at ``step``: with equal shares, the mean loss over it has the
+    mean of the ranks' grads."""
+    xs, ys = zip(*(_rank_batch(step, rank) for rank in range(WORLD_SIZE)))
+    return torch.cat(xs), torch.cat(ys)
+
+
+def _train(model, optimizer, steps: range, data) -> None:
+    for step in steps:
+        x, y = data(step)
+        optimizer.zero_grad()
+        torch.nn.functional.mse_loss(model(x), y).backward()
+        optimizer.step()
+
+
+def _flat(model: torch.nn.Module) -> torch.Tensor:
+    """All params, whole (an FSDP2 param is gathered from the ranks)."""
+    return torch.cat([(p.full_tensor() if isinstance(p, DTensor) else p).detach().reshape(-1)
+                      for p in model.parameters()])
+
+
+def _one_process(steps: range) -> torch.nn.Module:
+    """The reference: one process, full batches, torch.optim.AdamW."""
+    model, _ = model_and_twin()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    _train(model, optimizer, steps, _full_batch)
+    return model
+
+
+# ---- ZeroRedundancyOptimizer -----------------------------------------------------------------
+
+@_in_process_group
+def _train_under_zero(rank: int, bucket_view: bool) -> dict:
+    finals, consolidated = [], None
+    for optimizer_class, options in ((AdamW, EAGER), (torch.optim.AdamW, {})):
+        model, _ = model_and_twin()
+        optimizer = ZeroRedundancyOptimizer(model.parameters(), optimizer_class=optimizer_class,
+                                            parameters_as_bucket_view=bucket_view, lr=1e-2, **options)
+        for step in range(STEPS):
+            x, y = _rank_batch(step, rank)
+            optimizer.zero_grad()
+            torch.nn.functional.mse_loss(model(x), y).backward()
+            for p in model.parameters():  # data-parallel: the mean grad on every rank
+                dist.all_reduce(p.grad)
+                p.grad /= WORLD_SIZE
+            optimizer.step()
+        finals.append(_flat(model))
+        if optimizer_class is AdamW:
+            optimizer.consolidate_state_dict(to=0)
+            consolidated = optimizer.state_dict() if rank == 0 else None
+    return {"finals": torch.stack(finals), "consolidated": consolidated}
+
+
+@pytest.mark.parametrize("bucket_view", [True, False], ids=["bucket_view", "no_bucket_view"])
+def test_zero_keeps_the_ranks_identical_equal_to_torch_and_consolidates_for_torch(bucket_view, tmp_path):
+    rank0, rank1 = _spawn(_train_under_zero, tmp_path, bucket_view)
+    ours, theirs = rank0["finals"]
+    assert torch.equal(rank0["finals"][0], rank1["finals"][0]), "the ranks drifted apart"
+    torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-6)
+    assert not torch.equal(ours, _flat(model_and_twin()[0]))
+    # The consolidated state_dict continues in torch.optim.AdamW exactly as in ours.
+    checkpoint = rank0["consolidated"]
+    continued = []
+    for make in (torch.optim.AdamW, AdamW):
+        model, _ = model_and_twin()
+        torch.nn.utils.vector_to_parameters(ours.clone(), model.parameters())  # the params alias it
+        optimizer = make(model.parameters())
+        optimizer.load_state_dict(copy.deepcopy(checkpoint))  # torch's steps would count on in it
+        assert all(type(group["lr"]) is float and group["lr"] == 1e-2 for group in optimizer.param_groups)
+        assert all(float(optimizer.state[p]["step"]) == STEPS for p in model.parameters())
+        _train(model, optimizer, range(STEPS, STEPS + 2), _full_batch)
+        continued.append(_flat(model))
+    torch.testing.assert_close(continued[1], continued[0], rtol=1e-5, atol=1e-6)
+
+
+# ---- DDP -------------------------------------------------------------------------------------
+
+@_in_process_group
+def _train_under_ddp(rank: int, bucket_view: bool) -> torch.Tensor:
+    model, _ = model_and_twin()
+    ddp = DistributedDataParallel(model, gradient_as_bucket_view=bucket_view)
+    _train(ddp, AdamW(ddp.parameters(), lr=1e-2, **EAGER), range(STEPS), functools.partial(_rank_batch, rank=rank))
+    return _flat(model)
+
+
+@pytest.mark.parametrize("bucket_view", [True, False], ids=["bucket_view", "no_bucket_view"])
+def test_ddp_keeps_the_ranks_identical_and_equal_to_one_process(bucket_view, tmp_path):
+    rank0, rank1 = _spawn(_train_under_ddp, tmp_path, bucket_view)
+    assert torch.equal(rank0, rank1), "the ranks drifted apart"
+    torch.testing.assert_close(rank0, _flat(_one_process(range(STEPS))), rtol=1e-5, atol=1e-6)
+
+
+# ---- FSDP2 -----------------------------------------------------------------------------------
+
+def _sharded(optimizer_class=AdamW, **options) -> tuple[torch.nn.Module, torch.optim.Optimizer]:
+    model, _ = model_and_twin()
+    for layer in model:
+        if isinstance(layer, torch.nn.Linear):
+            fully_shard(layer)
+    fully_shard(model)
+    return model, optimizer_class(model.parameters(), lr=1e-2, **options)
+
+
+def _checkpoint_state(model, optimizer) -> dict:
+    model_state, optimizer_state = get_state_dict(model, optimizer)
+    return {"model": model_state, "optimizer": optimizer_state}
+
+
+def _load(model, optimizer, folder) -> None:
+    state = _checkpoint_state(model, optimizer)
+    dcp.load(state, checkpoint_id=folder)
+    set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"])
+
+
+@_in_process_group
+def _train_under_fsdp2(rank: int, folder: str) -> dict:
+    data = functools.partial(_rank_batch, rank=rank)
+    finals = {}
+    for name, optimizer_class, options in (("ours", AdamW, EAGER), ("torch", torch.optim.AdamW, {})):
+        model, optimizer = _sharded(optimizer_class, **options)
+        _train(model, optimizer, range(STEPS), data)
+        finals[name] = _flat(model)
+        if name == "ours":
+            placements = [(p.placements, p.device_mesh, {key: (type(value), getattr(value, "placements", None),
+                                                                getattr(value, "device_mesh", None))
+                                                          for key, value in optimizer.state[p].items()})
+                          for p in model.parameters()]
+    # A sharded checkpoint, written halfway by both ranks, then resumed by both.
+    model, optimizer = _sharded(**EAGER)
+    _train(model, optimizer, range(STEPS // 2), data)
+    dcp.save(_checkpoint_state(model, optimizer), checkpoint_id=folder)
+    resumed_model, resumed = _sharded(**EAGER)
+    _load(resumed_model, resumed, folder)
+    lr = resumed.param_groups[0]["lr"]
+    _train(resumed_model, resumed, range(STEPS // 2, STEPS), data)
+    return {**finals, "resumed": _flat(resumed_model), "placements": placements, "lr": lr}
+
+
+def test_fsdp2_trains_as_torch_keeps_sharded_state_and_resumes_from_a_sharded_checkpoint(tmp_path):
+    rank0, rank1 = _spawn(_train_under_fsdp2, tmp_path, str(tmp_path / "checkpoint"))
+    for rank in (rank0, rank1):
+        torch.testing.assert_close(rank["ours"], rank["torch"], rtol=1e-5, atol=1e-6)
+        assert torch.equal(rank["resumed"], rank["ours"]), "the resumed run differs from the uninterrupted one"
+        assert rank["lr"] == 1e-2 and type(rank["lr"]) is float
+        for param_placements, mesh, state in rank["placements"]:
+            assert state["step"][0] is torch.Tensor  # as torch keeps it: one count, not sharded
+            for key in ("exp_avg", "exp_avg_sq"):
+                assert state[key] == (DTensor, param_placements, mesh), f"{key} is not sharded as its param"
+    assert torch.equal(rank0["ours"], rank1["ours"])
+    torch.testing.assert_close(rank0["ours"], _flat(_one_process(range(STEPS))), rtol=1e-5, atol=1e-6)
+    # The 2-rank checkpoint, resharded into one process without FSDP.
+    model, _ = model_and_twin()
+    optimizer = AdamW(model.parameters(), lr=0.5)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", "torch.distributed is disabled")
+        _load(model, optimizer, tmp_path / "checkpoint")
+    assert optimizer.param_groups[0]["lr"] == 1e-2
+    _train(model, optimizer, range(STEPS // 2, STEPS), _full_batch)
+    torch.testing.assert_close(_flat(model), rank0["ours"], rtol=1e-5, atol=1e-6)
+
+
+@pytest.fixture
+def one_process_group(tmp_path):
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    yield
+    dist.destroy_process_group()
+
+
+def test_fsdp2_steps_local_shards_with_the_compiled_kernels(one_process_group):
+    model, optimizer = _sharded()
+    assert optimizer.compile
+    shards = [p.to_local().data_ptr() for p in model.parameters()]
+    _train(model, optimizer, range(STEPS), _full_batch)
+    assert [p.to_local().data_ptr() for p in model.parameters()] == shards, "a shard was taken from FSDP"
+    torch.testing.assert_close(_flat(model), _flat(_one_process(range(STEPS))), rtol=1e-5, atol=1e-6)
+
+
+def test_a_plain_tensor_loaded_as_a_sharded_params_state_is_refused(one_process_group):
+    model, optimizer = _sharded()
+    _train(model, optimizer, range(1), _full_batch)
+    checkpoint = copy.deepcopy(optimizer.state_dict())  # its entries are the optimizer's own dicts
+    checkpoint["state"][0]["exp_avg"] = checkpoint["state"][0]["exp_avg"].full_tensor()
+    before = optimizer.state[model[0].weight]["exp_avg"].to_local().clone()
+    with pytest.raises(ValueError, match=r"state\[0\].*'exp_avg'.*must be a DTensor sharded as its param.*"
+                                         r"got a plain tensor"):
+        optimizer.load_state_dict(checkpoint)
+    assert torch.equal(optimizer.state[model[0].weight]["exp_avg"].to_local(), before)
