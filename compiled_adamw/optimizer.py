@@ -95,6 +95,7 @@ class AdamW(torch.optim.Optimizer):
         self._settings: list[GroupSettings] = []  # what the step reads of each group
         self._buckets: list[list[FlatBucket]] = []
         self._step_called = [False]
+        self._clip: list[Tensor | None] = [None]  # Note [clipping inside the step]
         super().__init__(params, defaults)
 
     # ---- groups -------------------------------------------------------------------------------
@@ -153,7 +154,7 @@ class AdamW(torch.optim.Optimizer):
     def _rebuild(self) -> None:
         groups, state = self.param_groups, self.state
         self.param_groups, self.state, self._settings, self._buckets = [], defaultdict(dict), [], []
-        self._step_called = [False]
+        self._step_called, self._clip = [False], [None]
         for group in groups:
             self.add_param_group(group)
         self.state.update(state)
@@ -169,13 +170,14 @@ class AdamW(torch.optim.Optimizer):
             with torch.enable_grad():
                 loss = closure()
         tracing = torch.compiler.is_compiling()
-        scaler = self._scaler_values()
+        scaler = self._grad_scaling()
         if self.differentiable:
             for index, group in enumerate(self.param_groups):
                 _check_differentiable_group(index, group)
             with torch.enable_grad():
                 for group, settings in zip(self.param_groups, self._settings):
                     self._step_differentiable(group["params"], settings, scaler, tracing)
+            self._clip[0] = None
             return loss
         if not tracing:  # a user's compile must not read the groups (GroupSettings' docstring)
             for index, (group, settings) in enumerate(zip(self.param_groups, self._settings)):
@@ -192,20 +194,54 @@ class AdamW(torch.optim.Optimizer):
                     bucket.init_state(self.state)
                 for bucket, plan in zip(self._buckets[index], plans[index]):
                     self._step_bucket(settings, bucket, plan, scaler, tracing)
+        self._clip[0] = None
         return loss
 
-    def _scaler_values(self) -> Tensor | None:
-        """``[grad_scale, found_inf]`` from a GradScaler stepping us (Note [AMP inside the step]),
-        on the device, as float64; None without one. ``grad_scale`` is None once the grads were
-        unscaled (``scaler.unscale_(opt)`` before clipping): then only ``found_inf`` counts."""
-        grad_scale, found_inf = getattr(self, "grad_scale", None), getattr(self, "found_inf", None)
-        if grad_scale is None and found_inf is None:
+    def _grad_scaling(self) -> Tensor | None:
+        """``[grad_scale, found_inf]`` for this step, float64 on the device: the step divides the
+        grads by ``grad_scale`` and is skipped where ``found_inf`` is 1; None when the grads are
+        used as they are. A GradScaler stepping us sets both (Note [AMP inside the step]);
+        ``grad_scale`` is None once the grads were unscaled (``scaler.unscale_(opt)`` before
+        clipping). A pending clip coefficient divides ``grad_scale`` (Note [clipping inside the
+        step])."""
+        grad_scale, found_inf, clip = getattr(self, "grad_scale", None), getattr(self, "found_inf", None), self._clip[0]
+        if grad_scale is None and found_inf is None and clip is None:
             return None
-        like = found_inf if found_inf is not None else grad_scale
-        values = [torch.full((), value, dtype=torch.float64, device=like.device) if given is None
-                  else given.reshape(()).to(torch.float64)
-                  for given, value in ((grad_scale, 1.0), (found_inf, 0.0))]
-        return torch.stack(values)
+        like = next(value for value in (found_inf, grad_scale, clip) if value is not None)
+        grad_scale, found_inf = (torch.full((), value, dtype=torch.float64, device=like.device) if given is None
+                                 else given.reshape(()).to(torch.float64)
+                                 for given, value in ((grad_scale, 1.0), (found_inf, 0.0)))
+        if clip is not None:
+            grad_scale = grad_scale / clip.to(grad_scale)
+        return torch.stack([grad_scale, found_inf])
+
+    # Note [clipping inside the step]: ``clip_grad_norm_`` only measures -- one ``_foreach_norm``
+    # per device and dtype, torch's own ``get_total_norm`` -- and keeps the coefficient
+    # ``min(1, max_norm / (norm + 1e-6))`` (torch's clip_grad_norm_'s) on the device. The next step
+    # multiplies each grad by it in its elementwise pass, as it unscales a GradScaler's grads: no
+    # pass that writes the grads, no host sync. ``p.grad`` keeps the unclipped values; the
+    # coefficient belongs to the grads it measured, so ``zero_grad`` drops it, and a step uses it
+    # once. It lives in a list, which Dynamo lets a user's compile write (Note [a step that
+    # schedulers need not wrap]).
+
+    def clip_grad_norm_(self, max_norm: float | Tensor, norm_type: float = 2.0,
+                        error_if_nonfinite: bool = False) -> Tensor:
+        """Clip the grads of all params to a total ``norm_type``-norm of ``max_norm`` inside the next
+        ``step()`` (Note [clipping inside the step]); returns the total norm, as
+        ``torch.nn.utils.clip_grad_norm_`` does. Call it right before ``step()``; with a GradScaler,
+        after ``scaler.unscale_(optimizer)``, so that the norm is the unscaled grads'.
+        ``error_if_nonfinite=True`` reads the norm on the host to raise, as torch's does."""
+        grads = [_grad_of(p) for settings in self._settings for p in settings.params]
+        grads = [grad for grad in grads if grad is not None]
+        total = torch.nn.utils.get_total_norm(grads, norm_type, error_if_nonfinite)
+        if is_sharded(total):
+            total = total.full_tensor()
+        self._clip[0] = torch.clamp(max_norm / (total + 1e-6), max=1.0).detach()
+        return total
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        self._clip[0] = None  # Note [clipping inside the step]
+        super().zero_grad(set_to_none)
 
     # Note [a step that schedulers need not wrap]: torch's LR schedulers replace ``opt.step`` with a
     # wrapper (defined in lr_scheduler.py, a file Dynamo refuses to trace) that records

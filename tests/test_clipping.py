@@ -1,0 +1,143 @@
+"""``AdamW.clip_grad_norm_``: torch's clip_grad_norm_ contract, with the clipping done inside the
+next step's elementwise pass (Note [clipping inside the step]): the numbers of
+``torch.nn.utils.clip_grad_norm_`` + torch.optim.AdamW, no write to the grads, no host sync."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from compiled_adamw import AdamW
+
+from .helpers import assert_models_close, batch, model_and_twin
+from .test_amp import _counting_host_reads
+
+
+def _clipped_steps(model, optimizer, steps: range, max_norm: float, norm_type: float, *, ours: bool) -> list:
+    norms = []
+    for step in steps:
+        x, y = batch(step)
+        optimizer.zero_grad()
+        torch.nn.functional.mse_loss(model(x), y).backward()
+        if ours:
+            norms.append(optimizer.clip_grad_norm_(max_norm, norm_type))
+        else:
+            norms.append(torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm, norm_type))
+        optimizer.step()
+    return norms
+
+
+@pytest.mark.parametrize("norm_type", [2.0, 1.0, math.inf])
+@pytest.mark.parametrize("max_norm", [0.05, 100.0], ids=["clips", "does-not-clip"])
+def test_clipped_steps_match_torchs_clip_grad_norm_and_adamw(max_norm, norm_type):
+    model, twin = model_and_twin()
+    optimizer, reference = AdamW(model.parameters(), lr=1e-2), torch.optim.AdamW(twin.parameters(), lr=1e-2)
+    norms = _clipped_steps(model, optimizer, range(6), max_norm, norm_type, ours=True)
+    reference_norms = _clipped_steps(twin, reference, range(6), max_norm, norm_type, ours=False)
+    torch.testing.assert_close(norms, reference_norms, rtol=1e-5, atol=0)
+    assert all(n > max_norm for n in norms) == (max_norm == 0.05), "the case does not test what it says"
+    assert_models_close(model, twin)
+
+
+def _backward(model, optimizer, step: int) -> None:
+    x, y = batch(step)
+    optimizer.zero_grad()
+    torch.nn.functional.mse_loss(model(x), y).backward()
+
+
+def test_the_grads_keep_their_values_and_a_clip_counts_once_and_only_for_its_grads():
+    model, twin = model_and_twin()
+    optimizer, reference = AdamW(model.parameters(), lr=1e-2), torch.optim.AdamW(twin.parameters(), lr=1e-2)
+    _clipped_steps(model, optimizer, range(3), 0.05, 2.0, ours=True)
+    _clipped_steps(twin, reference, range(3), 0.05, 2.0, ours=False)
+    grads = [(p.grad, p.grad._version, p.grad.clone()) for p in model.parameters()]
+    assert optimizer.clip_grad_norm_(0.05) > 0.05  # what the last step clipped
+    for p, (grad, version, values) in zip(model.parameters(), grads):
+        assert p.grad is grad and p.grad._version == version and torch.equal(p.grad, values)
+    # A step after the next backward uses no clip; nor does one after a clip dropped by zero_grad.
+    optimizer.zero_grad()
+    for step in (3, 4):
+        for m, o in ((model, optimizer), (twin, reference)):
+            if o is optimizer and step == 4:
+                _backward(m, o, step)
+                o.clip_grad_norm_(1e-3)
+            _backward(m, o, step)
+            o.step()
+    assert_models_close(model, twin)
+
+
+def test_a_nonfinite_norm_raises_only_when_asked():
+    model, _ = model_and_twin()
+    optimizer = AdamW(model.parameters(), lr=1e-2)
+    x, y = batch(0)
+    torch.nn.functional.mse_loss(model(x), y).backward()
+    model[0].weight.grad[0, 0] = float("nan")
+    assert torch.isnan(optimizer.clip_grad_norm_(1.0))
+    with pytest.raises(RuntimeError, match="non-finite"):
+        optimizer.clip_grad_norm_(1.0, error_if_nonfinite=True)
+
+
+def test_clipping_and_stepping_read_nothing_on_the_host():
+    model, _ = model_and_twin()
+    optimizer = AdamW(model.parameters(), lr=1e-2)
+    _clipped_steps(model, optimizer, range(2), 0.05, 2.0, ours=True)  # compiles
+    x, y = batch(2)
+    optimizer.zero_grad()
+    torch.nn.functional.mse_loss(model(x), y).backward()
+    with _counting_host_reads() as reads:
+        optimizer.clip_grad_norm_(0.05)
+        optimizer.step()
+    assert reads == []
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_unscale_clip_step_with_a_grad_scaler_and_an_overflow_matches_torch(dtype):
+    """Hugging Face's and Lightning's order: unscale, clip (the norm of the unscaled grads), step."""
+    model, twin = model_and_twin()
+    optimizer = AdamW(model.parameters(), lr=1e-2)
+    reference = torch.optim.AdamW(twin.parameters(), lr=1e-2, fused=True)
+    scalers = [torch.amp.GradScaler("cpu", init_scale=2.0**10) for _ in range(2)]
+    for step in range(6):
+        for m, o, scaler in ((model, optimizer, scalers[0]), (twin, reference, scalers[1])):
+            x, y = batch(step)
+            o.zero_grad()
+            with torch.autocast("cpu", dtype=dtype):
+                loss = torch.nn.functional.mse_loss(m(x), y)
+            scaler.scale(loss).backward()
+            if step == 2:
+                m[0].weight.grad[0, 0] = float("inf")
+            scaler.unscale_(o)
+            if o is optimizer:
+                norm = o.clip_grad_norm_(0.05)
+            else:
+                reference_norm = torch.nn.utils.clip_grad_norm_(m.parameters(), 0.05)
+            scaler.step(o)
+            scaler.update()
+        if step != 2:
+            torch.testing.assert_close(norm, reference_norm, rtol=1e-5, atol=0)
+            assert norm > 0.05
+    assert scalers[0].get_scale() == scalers[1].get_scale() == 2.0**9
+    assert_models_close(model, twin)
+
+
+def test_clip_and_step_inside_a_users_fullgraph_compile():
+    model, twin = model_and_twin()
+    optimizer, reference = AdamW(model.parameters(), lr=1e-2), torch.optim.AdamW(twin.parameters(), lr=1e-2)
+
+    @torch.compile(fullgraph=True)
+    def clipped_step():
+        norm = optimizer.clip_grad_norm_(0.05)
+        optimizer.step()
+        return norm
+
+    for step in range(3):
+        x, y = batch(step)
+        for m, o in ((model, optimizer), (twin, reference)):
+            o.zero_grad()
+            torch.nn.functional.mse_loss(m(x), y).backward()
+        norm = clipped_step()
+        torch.testing.assert_close(norm, torch.nn.utils.clip_grad_norm_(twin.parameters(), 0.05), rtol=1e-5, atol=0)
+        reference.step()
+    assert_models_close(model, twin)
