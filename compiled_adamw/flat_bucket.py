@@ -314,20 +314,18 @@ class FlatBucket:
 
     # ---- one step -----------------------------------------------------------------------------
 
-    def plan(self, where: Callable[[int], str], *, tracing: bool) -> StepPlan:
-        """Inspect params and grads and decide the step; raises before anything is mutated."""
-        grads = [p.grad for p in self.params]
+    def plan(self, where: Callable[[int], str], grads: list[Tensor | None]) -> StepPlan:
+        """Inspect params and ``grads`` (theirs, in order) and decide the step; raises before
+        anything is mutated."""
         memories = self.params
         if self.sharded:
             memories = list(map(memory_of, memories))
             grads = [None if g is None else memory_of(g) for g in grads]
         present = [g is not None for g in grads]
         away, changed = self.never_home, False
-        # Pointers cannot be read while tracing: a user's compile trusts the params to be home.
-        if not tracing and not self._all_home(memories):
+        if not self._all_home(memories):
             away, changed = self._find_away(memories, where)
-        # While tracing, the check costs trace time only, and attrgetter cannot be traced.
-        if tracing or changed or not self._grads_fit(grads, present):
+        if changed or not self._grads_fit(grads, present):
             for i, (memory, grad) in enumerate(zip(memories, grads)):
                 if grad is not None:
                     check_grad(where(self.positions[i]), grad, memory.device, memory.dtype, memory.shape)
@@ -379,18 +377,14 @@ class FlatBucket:
             runs.append((start, len(present)))
         return runs
 
-    def _calls(self, first: int, last: int, away: frozenset[int], tracing: bool) -> list[_Call]:
-        """The kernel calls that step params [first, last) (Note [where memory lives]). While a
-        user's compile traces the step, plain views, made afresh (they are the tracer's)."""
-        if tracing:
-            return list(self._prepare_calls(first, last, away, alias=lambda view: view))
+    def _calls(self, first: int, last: int, away: frozenset[int]) -> list[_Call]:
+        """The kernel calls that step params [first, last) (Note [where memory lives])."""
         key = (first, last, away)
         if key not in self.prepared:
-            self.prepared[key] = list(self._prepare_calls(first, last, away, alias=without_base))
+            self.prepared[key] = list(self._prepare_calls(first, last, away))
         return self.prepared[key]
 
-    def _prepare_calls(self, first: int, last: int, away: frozenset[int],
-                       alias: Callable[[Tensor], Tensor]) -> Iterator[_Call]:
+    def _prepare_calls(self, first: int, last: int, away: frozenset[int]) -> Iterator[_Call]:
         i = first
         while i < last:
             j = i + 1
@@ -404,12 +398,12 @@ class FlatBucket:
                 lo, hi = self.starts[i], self.ends[i]
             if hi > lo:  # empty params need no call
                 window = slice(lo, hi)
-                state = tuple(None if buffer is None else alias(buffer[window])
+                state = tuple(None if buffer is None else without_base(buffer[window])
                               for buffer in (self.exp_avg, self.exp_avg_sq, self.max_exp_avg_sq))
-                param = None if i in away else alias(self.flat_param[window])
+                param = None if i in away else without_base(self.flat_param[window])
                 chunk = self.chunk_start[i]
                 yield _Call(i, j, param, state, self.scratch_views[i:j] if gathered else None,
-                            alias(self.scratch[lo - chunk : hi - chunk]) if gathered else None)
+                            without_base(self.scratch[lo - chunk : hi - chunk]) if gathered else None)
             i = j
 
     def execute(
@@ -419,15 +413,14 @@ class FlatBucket:
         update: Callable[..., None],
         *,
         step_increment: Tensor | int,
-        tracing: bool,
     ) -> None:
         """Carry out ``plan``: one kernel call per chunk of small params, per large param and per
         param that lives elsewhere."""
         grads = plan.grads
         for first, last in plan.runs:
             self.steps[first:last].add_(step_increment)
-            scalars = coefficients(self.steps[first] if tracing else self.step_aliases[first])
-            for call in self._calls(first, last, plan.away, tracing):
+            scalars = coefficients(self.step_aliases[first])
+            for call in self._calls(first, last, plan.away):
                 if call.gathered is not None:
                     torch._foreach_copy_(call.gathered, grads[call.first : call.last])
                     update(call.param, call.grad, *call.state, scalars)
@@ -457,20 +450,16 @@ class FlatBucket:
             update(in_memory_order(param) if call.param is None else call.param, in_memory_order(grad),
                    *call.state, scalars)
             return
-        # Temporaries made without as_strided, whose mutation a user's compile cannot trace: a
-        # factory tensor in the state's layout, and its values in memory order, padded as the
-        # state's window is.
-        dense_param, dense_grad = (torch.empty_strided(self.shapes[i], self.strides[i], dtype=self.dtype,
-                                                       device=self.device).copy_(t) for t in (param, grad))
-        param_values, grad_values = in_memory_order(dense_param), in_memory_order(dense_grad)
-        padding = param_values.new_zeros(self.padded_ends[i] - self.ends[i])
-        temporary_param, temporary_grad = torch.cat([param_values, padding]), torch.cat([grad_values, padding])
         window = slice(self.starts[i], self.padded_ends[i])
+        temporary_param, temporary_grad = (torch.zeros(window.stop - window.start, dtype=self.real_dtype,
+                                                       device=self.device) for _ in range(2))
+        param_view, grad_view = (self._view(t, i, 0) for t in (temporary_param, temporary_grad))
+        param_view.copy_(param)
+        grad_view.copy_(grad)
         state = tuple(None if buffer is None else buffer[window]
                       for buffer in (self.exp_avg, self.exp_avg_sq, self.max_exp_avg_sq))
         update(temporary_param, temporary_grad, *state, scalars)
-        param_values.copy_(temporary_param[: self.sizes[i]])
-        param.copy_(dense_param)
+        param.copy_(param_view)
 
     def _advance_cohorts(self, present: list[bool]) -> None:
         if all(present):

@@ -8,6 +8,7 @@ hyperparameter tensors and param groups are :mod:`compiled_adamw.hyperparameters
 
 from __future__ import annotations
 
+import itertools
 import math
 import operator
 import warnings
@@ -22,6 +23,7 @@ from .functional import group_key, step_together
 from .hyperparameters import (GROUP_KEYS, OPTIONAL_DEFAULTS, SCALAR_NAMES, GroupSettings, ParamGroup, check_value,
                               group_value)
 from .kernels import coefficients_kernel, differentiable_kernel, update_kernel
+from .opaque_step import register, step_opaquely
 from .update import compute_dtype
 
 __all__ = ["AdamW"]
@@ -96,6 +98,7 @@ class AdamW(torch.optim.Optimizer):
         self._buckets: list[list[FlatBucket]] = []
         self._step_called = [False]
         self._clip: list[Tensor | None] = [None]  # Note [clipping inside the step]
+        self._handle = register(self)  # Note [one opaque step in a user's trace]
         super().__init__(params, defaults)
 
     # ---- groups -------------------------------------------------------------------------------
@@ -154,7 +157,7 @@ class AdamW(torch.optim.Optimizer):
     def _rebuild(self) -> None:
         groups, state = self.param_groups, self.state
         self.param_groups, self.state, self._settings, self._buckets = [], defaultdict(dict), [], []
-        self._step_called, self._clip = [False], [None]
+        self._step_called, self._clip, self._handle = [False], [None], register(self)
         for group in groups:
             self.add_param_group(group)
         self.state.update(state)
@@ -179,23 +182,37 @@ class AdamW(torch.optim.Optimizer):
                     self._step_differentiable(group["params"], settings, scaler, tracing)
             self._clip[0] = None
             return loss
-        if not tracing:  # a user's compile must not read the groups (GroupSettings' docstring)
-            for index, (group, settings) in enumerate(zip(self.param_groups, self._settings)):
-                _check_params_unchanged(index, group, settings)
+        # A user's compile must not read the groups (GroupSettings' docstring), and traces only
+        # what the graph may change: grads and hyperparameters (Note [one opaque step in a
+        # user's trace]).
+        hyperparameters = [settings.packed(settings.device, scaler) for settings in self._settings]
+        grads = [p.grad for buckets in self._buckets for bucket in buckets for p in bucket.params]
+        if tracing:
+            step_opaquely(self, grads, hyperparameters, scaler is not None)
+        else:
+            self._step_buckets(grads, hyperparameters, scaler is not None)
+        self._clip[0] = None
+        return loss
+
+    def _step_buckets(self, grads: list[Tensor | None], hyperparameters: list[Tensor], scaled: bool) -> None:
+        """The step proper, eager Python around our compiled kernels: ``grads`` are the params'
+        in bucket order, ``hyperparameters`` each group's packed vector; ``scaled``: divide the
+        grads by ``grad_scale`` and skip where ``found_inf`` (Note [AMP inside the step])."""
+        for index, (group, settings) in enumerate(zip(self.param_groups, self._settings)):
+            _check_params_unchanged(index, group, settings)
         with torch.no_grad():
-            plans = [[bucket.plan(_namer(index), tracing=tracing) for bucket in buckets]
-                     for index, buckets in enumerate(self._buckets)]
+            remaining = iter(grads)
+            plans = [[bucket.plan(_namer(index), list(itertools.islice(remaining, len(bucket.params))))
+                      for bucket in buckets] for index, buckets in enumerate(self._buckets)]
             # Everything above only reads; from here on, nothing raises on bad input.
             for index, settings in enumerate(self._settings):
                 if any(plan.changed for plan in plans[index]):
-                    plans[index] = self._rebuild_buckets(index)
+                    plans[index] = self._rebuild_buckets(index, plans[index])
                 for bucket in self._buckets[index]:
                     bucket.set_amsgrad(settings.amsgrad, self.state)
                     bucket.init_state(self.state)
                 for bucket, plan in zip(self._buckets[index], plans[index]):
-                    self._step_bucket(settings, bucket, plan, scaler, tracing)
-        self._clip[0] = None
-        return loss
+                    self._step_bucket(settings, bucket, plan, hyperparameters[index], scaled)
 
     def _grad_scaling(self) -> Tensor | None:
         """``[grad_scale, found_inf]`` for this step, float64 on the device: the step divides the
@@ -254,33 +271,32 @@ class AdamW(torch.optim.Optimizer):
     def _opt_called(self) -> bool:
         return self._step_called[0]
 
-    def _rebuild_buckets(self, index: int) -> list[StepPlan]:
+    def _rebuild_buckets(self, index: int, plans: list[StepPlan]) -> list[StepPlan]:
         """A param of group ``index`` changed dtype, device or shape (``model.half()``,
         ``model.to(...)``): new buckets at the params' new home, the state carried over as
         ``load_state_dict`` would carry it (cast to the param's dtype, on its device)."""
         settings = self._settings[index]
+        grad_of = {p: grad for bucket, plan in zip(self._buckets[index], plans)
+                   for p, grad in zip(bucket.params, plan.grads)}
         carried = {p: dict(self.state[p]) for p in settings.params if p in self.state}
         self._buckets[index] = group_into_buckets(settings.params, amsgrad=settings.amsgrad)
         for bucket in self._buckets[index]:
             bucket.load_state(carried, self.state)
         if settings.params:
             settings.move_to(settings.params[0].device)
-        return [bucket.plan(_namer(index), tracing=False) for bucket in self._buckets[index]]
+        return [bucket.plan(_namer(index), [grad_of[p] for p in bucket.params]) for bucket in self._buckets[index]]
 
-    def _step_bucket(self, settings: GroupSettings, bucket: FlatBucket, plan: StepPlan, scaler: Tensor | None,
-                     tracing: bool) -> None:
+    def _step_bucket(self, settings: GroupSettings, bucket: FlatBucket, plan: StepPlan, hyperparameters: Tensor,
+                     scaled: bool) -> None:
         amsgrad, maximize = settings.amsgrad, settings.maximize
         dtype, device_type = compute_dtype(bucket.dtype), bucket.device.type
-        hyperparameters = settings.packed(bucket.device, scaler)
-        # Inside a user's torch.compile, the outer compiler traces the plain functions.
-        compiled = self.compile and not tracing
-        coefficients = coefficients_kernel(device_type, dtype, compiled)
+        hyperparameters = hyperparameters.to(bucket.device, non_blocking=True)
+        coefficients = coefficients_kernel(device_type, dtype, self.compile)
         bucket.execute(
             plan,
             lambda step: coefficients(step, hyperparameters),
-            update_kernel(device_type, bucket.real_dtype, amsgrad, maximize, scaler is not None, compiled),
-            step_increment=1 if scaler is None else _not_found(scaler, bucket.device),
-            tracing=tracing,
+            update_kernel(device_type, bucket.real_dtype, amsgrad, maximize, scaled, self.compile),
+            step_increment=_not_found(hyperparameters, bucket.device) if scaled else 1,
         )
 
     def _step_differentiable(self, params: list[Tensor], settings: GroupSettings, scaler: Tensor | None,
@@ -374,9 +390,10 @@ def _param_name(group: int, position: int) -> str:
 _TORCH_DEFAULTS = {"amsgrad": False, "maximize": False, "foreach": None, "capturable": False, "fused": None}
 
 
-def _not_found(scaler: Tensor, device: torch.device) -> Tensor:
-    """1 - found_inf, as a float32 step increment on ``device``: a skipped step does not count."""
-    return (1 - scaler[1]).to(device=device, dtype=torch.float32)
+def _not_found(values: Tensor, device: torch.device) -> Tensor:
+    """1 - found_inf (the last of ``values``, a scaler's or a packed vector), as a float32 step
+    increment on ``device``: a skipped step does not count."""
+    return (1 - values[-1]).to(device=device, dtype=torch.float32)
 
 
 def _grad_of(p: Tensor) -> Tensor | None:

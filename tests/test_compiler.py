@@ -84,8 +84,9 @@ def test_each_step_is_two_kernels_one_pass_over_memory():
 def test_step_inside_a_users_fullgraph_compile_with_a_scheduler_attached():
     """PyTorch's compiled-optimizer tutorial, with OneCycleLR (beta1 cycling) attached: torch's
     scheduler wraps ``opt.step`` in a function Dynamo refuses to trace (torch's AdamW fails here);
-    ours traces in one graph, and after the second call (the first step creates the state
-    entries, on which Dynamo guards) nothing recompiles while lr and beta1 change every step."""
+    ours traces in one graph at the first call, and nothing compiles again -- neither the user's
+    graph nor our kernels -- while lr and beta1 change every step (Note [one opaque step in a
+    user's trace]: the first step's state creation is not traced)."""
     model, twin = model_and_twin()
     optimizer, reference = ours(model), torch.optim.AdamW(twin.parameters(), lr=1e-2)
     schedulers = [torch.optim.lr_scheduler.OneCycleLR(o, max_lr=0.05, total_steps=40) for o in (optimizer, reference)]
@@ -103,11 +104,69 @@ def test_step_inside_a_users_fullgraph_compile_with_a_scheduler_attached():
             torch.nn.functional.mse_loss(m(x), y).backward()
             do_step()
             scheduler.step()
-        if step == 1:
-            graphs_after_second_call = counters["stats"]["unique_graphs"]
-    assert counters["stats"]["unique_graphs"] == graphs_after_second_call, "a scheduled value recompiled"
+        if step == 0:
+            graphs_after_first_call = counters["stats"]["unique_graphs"]
+    assert counters["stats"]["unique_graphs"] == graphs_after_first_call, "a later call compiled again"
     assert dict(counters["graph_break"]) == breaks_before, dict(counters["graph_break"])
     assert_models_close(model, twin)
+    torch.testing.assert_close(optimizer.state_dict()["state"], reference.state_dict()["state"])
+
+
+def _traced_graph(n_params: int) -> torch.fx.GraphModule:
+    params = [torch.nn.Parameter(torch.randn(8)) for _ in range(n_params)]
+    for p in params:
+        p.grad = torch.randn(8)
+    optimizer = AdamW(params, lr=1e-2)
+    graphs = []
+
+    def keep_graph(graph, example_inputs):
+        graphs.append(graph)
+        return graph.forward
+
+    torch.compile(optimizer.step, fullgraph=True, backend=keep_graph)()
+    (graph,) = graphs
+    return graph
+
+
+def test_a_users_trace_has_the_same_operations_for_10_and_for_200_params():
+    """Note [one opaque step in a user's trace]: only the graph's inputs (grads and params) grow."""
+    operations = []
+    for n_params in (10, 200):
+        nodes = list(_traced_graph(n_params).graph.nodes)
+        operations.append([str(node.target) for node in nodes if node.op not in ("placeholder", "output")])
+        assert sum(node.op == "placeholder" for node in nodes) >= 2 * n_params
+    assert operations[0] == operations[1]
+    assert sum("compiled_adamw.step" in op for op in operations[0]) == 1
+
+
+def test_the_same_compiled_function_sees_the_stepped_params_and_the_grads_it_changed():
+    """The op declares the params it writes and takes the grads the graph computed: torch's
+    in-place clip_grad_norm_ before the step, and params read both before and after it in one
+    graph (Inductor fuses the two reads into one kernel unless the op's writes order them:
+    declaring only our flat buffers as written made the average here silently wrong)."""
+    results = []
+    for optimizer_class in (AdamW, torch.optim.AdamW):
+        model, _ = model_and_twin()
+        optimizer = optimizer_class(model.parameters(), lr=1e-2)
+        averages = [p.detach().clone() for p in model.parameters()]
+
+        def clipped_step_and_average():
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 0.05)
+            doubled = [p.detach() * 2 for p in model.parameters()]
+            optimizer.step()
+            for average, p in zip(averages, model.parameters()):
+                average.lerp_(p.detach(), 0.5)
+            return doubled
+
+        run = torch.compile(clipped_step_and_average, fullgraph=True) if optimizer_class is AdamW \
+            else clipped_step_and_average
+        for step in range(3):
+            x, y = batch(step)
+            optimizer.zero_grad()
+            torch.nn.functional.mse_loss(model(x), y).backward()
+            doubled = run()
+        results.append(([p.detach() for p in model.parameters()], averages, doubled))
+    torch.testing.assert_close(results[0], results[1], rtol=1e-5, atol=1e-6)
 
 
 def test_a_param_left_where_it_lives_is_stepped_there_inside_a_users_compile():

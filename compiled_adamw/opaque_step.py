@@ -1,0 +1,68 @@
+"""The step as one opaque operation inside a user's ``torch.compile``.
+
+Note [one opaque step in a user's trace]: when ``opt.step()`` runs inside someone else's
+``torch.compile`` (the compiled-optimizer tutorial, a whole compiled train step), Dynamo would
+otherwise trace our bookkeeping -- a walk over every param, its state views and its kernel calls
+-- so the traced graph, and the compile time, would grow with the param count, and the first step
+(which creates the state) would compile a graph of its own. Instead the trace sees one call of the
+custom op ``compiled_adamw::step`` per optimizer, whose inputs are what the graph may have
+computed: the grads (a user may have changed them in the graph), each group's packed
+hyperparameters (a scheduler may have assigned them, a clip coefficient or a GradScaler's values
+may be folded in) and whose declared mutations are the params and the step counters. Its body is
+the eager step itself (``AdamW._step_buckets``), with our own compiled kernels, run when the graph
+runs: it checks params and grads, follows params that moved, creates the state at the first step,
+and steps. So the traced graph has the same operations for 10 params as for 10,000 (only its
+inputs grow), and the first call's graph is every call's.
+
+The state buffers are the body's own business, not the graph's: code in the same compiled
+function that reads ``optimizer.state`` sees the values of the step before.
+"""
+
+from __future__ import annotations
+
+import itertools
+import weakref
+from typing import TYPE_CHECKING, Optional
+
+import torch
+from torch import Tensor
+
+if TYPE_CHECKING:
+    from .optimizer import AdamW
+
+__all__ = ["register", "step_opaquely"]
+
+_optimizers: weakref.WeakValueDictionary[int, AdamW] = weakref.WeakValueDictionary()
+
+# The dispatch keys an eager step runs under. The first run of a freshly compiled graph calls the
+# op's body with autograd's and functorch's keys excluded; our kernels, compiled under those,
+# would recompile at the next (ordinary) call, since Dynamo guards on the keys of their inputs.
+_EAGER_DISPATCH_KEYS = (torch._C._dispatch_tls_local_include_set(), torch._C._dispatch_tls_local_exclude_set())
+_handles = itertools.count()
+
+
+def register(optimizer: AdamW) -> int:
+    """A handle the op's body finds ``optimizer`` by (a graph's constant, as an int)."""
+    handle = next(_handles)
+    _optimizers[handle] = optimizer
+    return handle
+
+
+@torch.library.custom_op("compiled_adamw::step", mutates_args=("params", "steps"))
+def _step(handle: int, grads: list[Optional[Tensor]], params: list[Tensor], steps: list[Tensor],
+          hyperparameters: list[Tensor], scaled: bool) -> None:
+    with torch._C._ForceDispatchKeyGuard(*_EAGER_DISPATCH_KEYS):
+        _optimizers[handle]._step_buckets(grads, hyperparameters, scaled)
+
+
+@_step.register_fake
+def _(handle, grads, params, steps, hyperparameters, scaled) -> None:
+    return None
+
+
+def step_opaquely(optimizer: AdamW, grads: list[Tensor | None], hyperparameters: list[Tensor],
+                  scaled: bool) -> None:
+    """``optimizer._step_buckets(grads, hyperparameters, scaled)`` as one op of a user's trace."""
+    buckets = [bucket for group in optimizer._buckets for bucket in group]
+    _step(optimizer._handle, grads, [p for bucket in buckets for p in bucket.params],
+          [bucket.steps for bucket in buckets], hyperparameters, scaled)
