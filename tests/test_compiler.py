@@ -13,7 +13,7 @@ from torch._dynamo.eval_frame import _debug_get_cache_entry_list
 from torch._dynamo.utils import counters
 from torch._inductor.utils import run_and_get_code
 
-from compiled_adamw import AdamW, kernels
+from compiled_adamw import AdamW, kernels, opaque_step
 
 from .helpers import assert_models_close, batch, model_and_twin, ours, train
 
@@ -139,11 +139,14 @@ def test_a_users_trace_has_the_same_operations_for_10_and_for_200_params():
     assert sum("compiled_adamw.step" in op for op in operations[0]) == 1
 
 
-def test_the_same_compiled_function_sees_the_stepped_params_and_the_grads_it_changed():
+@pytest.mark.parametrize("fence_params", [opaque_step.FENCE_PARAMS, 1], ids=["one-op", "fenced"])
+def test_the_same_compiled_function_sees_the_stepped_params_and_the_grads_it_changed(fence_params, monkeypatch):
     """The op declares the params it writes and takes the grads the graph computed: torch's
     in-place clip_grad_norm_ before the step, and params read both before and after it in one
     graph (Inductor fuses the two reads into one kernel unless the op's writes order them:
-    declaring only our flat buffers as written made the average here silently wrong)."""
+    declaring only our flat buffers as written made the average here silently wrong). "fenced":
+    every param past the first is declared written by fences (Note [fences for many params])."""
+    monkeypatch.setattr(opaque_step, "FENCE_PARAMS", fence_params)
     results = []
     for optimizer_class in (AdamW, torch.optim.AdamW):
         model, _ = model_and_twin()

@@ -1,0 +1,142 @@
+"""``python -m benchmarks.user_compile``: the step compiled by the user, each case in a fresh process
+with an empty Inductor cache (so "cold" includes every compile the case needs, our kernels too).
+
+* ``tutorial``: PyTorch's compiled-optimizer tutorial, ``torch.compile(opt.step)``, over N tensors
+  of 1,024 elements, N = 10 ... 10,000. Ours runs with ``fullgraph=True`` and OneCycleLR (beta1
+  cycling) attached and stepped between calls; torch's cannot (its step breaks the graph on
+  purpose, and the scheduler's wrapper of ``opt.step`` is in a file Dynamo refuses to trace), so
+  it runs without fullgraph, with a float lr and no scheduler. Reported: the
+  first call (cold compile), the second, graphs compiled after the first call, and the steady
+  call against our own step called eagerly in the same process (interleaved).
+* ``train-step``: forward, backward, step and zero_grad in one ``torch.compile`` on a small
+  transformer (110 param tensors), ours against torch's foreach and fused.
+
+Figures are wall seconds (cold) and medians in ms (steady); nothing here is a test.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+import torch
+
+TUTORIAL_SIZES = (10, 100, 1_000, 10_000)
+STEADY_CALLS = 20
+
+
+def _graphs() -> int:
+    from torch._dynamo.utils import counters
+    return counters["stats"]["unique_graphs"]
+
+
+def _timed(call) -> float:
+    start = time.perf_counter()
+    call()
+    return time.perf_counter() - start
+
+
+def tutorial(contender: str, n: int) -> dict:
+    from compiled_adamw import AdamW
+    params = [torch.nn.Parameter(torch.randn(1024)) for _ in range(n)]
+    if contender == "ours":
+        optimizer = AdamW(params, lr=1e-3)
+        scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=1e-2, total_steps=1000)
+    else:
+        optimizer = torch.optim.AdamW(params, lr=1e-3, foreach=True)
+        scheduler = None
+    # torch's step has a deliberate graph break (torch._dynamo.graph_break()): fullgraph fails.
+    compiled = torch.compile(optimizer.step, fullgraph=contender == "ours")
+
+    def fresh_grads():
+        for p in params:
+            p.grad = torch.randn(1024)
+
+    calls, eager = [], []
+    for call in range(2 + STEADY_CALLS):
+        fresh_grads()
+        calls.append(_timed(compiled))
+        if scheduler is not None:
+            scheduler.step()
+        if call == 0:
+            graphs_after_first = _graphs()
+        if call >= 2 and contender == "ours":
+            fresh_grads()
+            eager.append(_timed(optimizer.step))
+    steady = statistics.median(calls[2:])
+    return dict(cold_s=calls[0], second_s=calls[1], recompiles=_graphs() - graphs_after_first,
+                steady_ms=steady * 1e3,
+                steady_x_eager=steady / statistics.median(eager) if eager else None)
+
+
+def _small_transformer() -> torch.nn.Module:
+    torch.manual_seed(0)
+    layer = torch.nn.TransformerEncoderLayer(d_model=64, nhead=4, dim_feedforward=128, batch_first=True)
+    return torch.nn.Sequential(torch.nn.Linear(16, 64),
+                               torch.nn.TransformerEncoder(layer, num_layers=9, enable_nested_tensor=False),
+                               torch.nn.Linear(64, 1))
+
+
+def train_step(contender: str) -> dict:
+    from compiled_adamw import AdamW
+    model = _small_transformer()
+    optimizer = {"ours": lambda ps: AdamW(ps, lr=1e-3),
+                 "torch-foreach": lambda ps: torch.optim.AdamW(ps, lr=1e-3, foreach=True),
+                 "torch-fused": lambda ps: torch.optim.AdamW(ps, lr=1e-3, fused=True)}[contender](
+                     model.parameters())
+    x, y = torch.randn(8, 32, 16), torch.randn(8, 32, 1)
+
+    @torch.compile
+    def step(x, y):
+        loss = torch.nn.functional.mse_loss(model(x), y)
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        return loss
+
+    calls = [_timed(lambda: step(x, y)) for _ in range(2 + STEADY_CALLS)]
+    return dict(tensors=len(list(model.parameters())), cold_s=calls[0], second_s=calls[1],
+                steady_ms=statistics.median(calls[2:]) * 1e3)
+
+
+def _in_fresh_process(*args: str) -> dict:
+    with tempfile.TemporaryDirectory() as cache:
+        env = dict(os.environ, TORCHINDUCTOR_CACHE_DIR=cache)
+        out = subprocess.run([sys.executable, "-m", "benchmarks.user_compile", "--child", *args], env=env,
+                             check=True, capture_output=True, text=True).stdout
+    return json.loads(out.splitlines()[-1])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--sizes", type=int, nargs="+", default=list(TUTORIAL_SIZES))
+    parser.add_argument("--torch-sizes", type=int, nargs="+", default=[10, 100, 1_000],
+                        help="tensor counts for torch's compiled AdamW (10,000 takes far longer)")
+    parser.add_argument("--out", help="write the results here as JSON")
+    parser.add_argument("--child", nargs="+", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.child:
+        kind, contender, *n = args.child
+        print(json.dumps(tutorial(contender, int(n[0])) if kind == "tutorial" else train_step(contender)))
+        return
+    results = []
+    cases = [("tutorial", "ours", n) for n in args.sizes] + [("tutorial", "torch", n) for n in args.torch_sizes]
+    cases += [("train-step", contender, None) for contender in ("ours", "torch-foreach", "torch-fused")]
+    for kind, contender, n in cases:
+        row = {"case": kind, "contender": contender, "tensors": n,
+               **_in_fresh_process(kind, contender, *([str(n)] if n else []))}
+        results.append(row)
+        print(json.dumps({k: round(v, 3) if isinstance(v, float) else v for k, v in row.items()}), flush=True)
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump(results, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
