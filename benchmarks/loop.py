@@ -1,6 +1,8 @@
 """``python -m benchmarks.loop``: the loop every tutorial writes -- ``zero_grad()`` (set_to_none),
 backward, ``step()`` -- timed for ours and torch's fused and foreach AdamW, interleaved in one
-process; a single-tensor size sweep; and the loop's peak memory, one fresh process per contender.
+process; the same loop with global-norm clipping (``opt.clip_grad_norm_`` against
+``torch.nn.utils.clip_grad_norm_``); a single-tensor size sweep; and the loop's peak memory, one
+fresh process per contender.
 
 The backward is synthetic and the same for everyone: ``loss = sum((p * w).sum())`` over the
 workload's params, so autograd hands each param a fresh grad (``w``'s copy) every iteration, as a
@@ -34,13 +36,14 @@ CONTENDERS: dict[str, Callable[[list[torch.Tensor], Workload], torch.optim.Optim
 class Loop:
     """One contender's params, optimizer and synthetic backward."""
 
-    def __init__(self, name: str, workload: Workload, *, scalar_weights: bool = False, build: bool = True):
+    def __init__(self, name: str, workload: Workload, *, scalar_weights: bool = False, build: bool = True,
+                 clip: float | None = None):
         generator = torch.Generator().manual_seed(0)
         self.params = [torch.nn.Parameter(torch.randn(s, generator=generator).to(workload.dtype))
                        for s in workload.shapes]
         self.weights = [torch.randn(() if scalar_weights else s, generator=generator).to(workload.dtype)
                         for s in workload.shapes]
-        self.name, self.workload = name, workload
+        self.name, self.workload, self.clip = name, workload, clip
         if build:
             self.build()
 
@@ -56,13 +59,18 @@ class Loop:
         self.optimizer.zero_grad()
         self.backward()
         before_step = time.perf_counter()
+        if self.clip is not None:  # ours clips inside the step; torch's clip_grad_norm_ scales the grads
+            if isinstance(self.optimizer, AdamW):
+                self.optimizer.clip_grad_norm_(self.clip)
+            else:
+                torch.nn.utils.clip_grad_norm_(self.params, self.clip)
         self.optimizer.step()
         end = time.perf_counter()
         return end - start, end - before_step
 
 
-def interleaved(workload: Workload, repetitions: int) -> dict[str, dict[str, float]]:
-    loops = {name: Loop(name, workload) for name in CONTENDERS}
+def interleaved(workload: Workload, repetitions: int, clip: float | None = None) -> dict[str, dict[str, float]]:
+    loops = {name: Loop(name, workload, clip=clip) for name in CONTENDERS}
     for loop in loops.values():
         for _ in range(3):
             loop.iteration()
@@ -116,13 +124,19 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--sweep", type=int, nargs="+", default=list(range(10, 25, 2)), metavar="LOG2")
     parser.add_argument("--out", type=Path, help="also write the results here as JSON")
     arguments = parser.parse_args(argv)
-    results: dict[str, Any] = {"torch": torch.__version__, "workloads": {}, "sweep": {}, "peak_mib": {}}
+    results: dict[str, Any] = {"torch": torch.__version__, "workloads": {}, "clipped": {}, "sweep": {},
+                               "peak_mib": {}}
     print("| workload | contender | step ms | x fused | iteration ms | x fused |\n| --- | --- | ---: | ---: | ---: | ---: |")
     for workload in standard_workloads(arguments.scale):
         rows = results["workloads"][workload.name] = interleaved(workload, arguments.repetitions)
         for name, row in rows.items():
             print(f"| {workload.name} | {name} | {row['step_ms']:.2f} | {row['step_x_fused']:.2f}x | "
                   f"{row['iteration_ms']:.2f} | {row['iteration_x_fused']:.2f}x |", flush=True)
+    print("\n| workload, clipped to norm 1 | contender | clip + step ms | x fused |\n| --- | --- | ---: | ---: |")
+    for workload in standard_workloads(arguments.scale):
+        rows = results["clipped"][workload.name] = interleaved(workload, arguments.repetitions, clip=1.0)
+        for name, row in rows.items():
+            print(f"| {workload.name} | {name} | {row['step_ms']:.2f} | {row['step_x_fused']:.2f}x |", flush=True)
     print("\n| elements | ours step ms | fused step ms | x fused |\n| ---: | ---: | ---: | ---: |")
     for log2 in arguments.sweep:
         rows = results["sweep"][2**log2] = interleaved(Workload(f"2^{log2}", ((2**log2,),)), 3 * arguments.repetitions)

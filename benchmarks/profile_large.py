@@ -26,7 +26,7 @@ def main(elements: int = 16 * 2**20, repetitions: int = 15) -> None:
     fused.step()
     bucket, vector = ours._buckets[0][0], ours._settings[0].vector
     coefficients = kernels._compiled_coefficients("cpu", torch.float32)
-    update = kernels._compiled_update("cpu", torch.float32, False, False, False)
+    update = kernels._compiled_update("cpu", torch.float32, False, False, False, False)
     packed = coefficients(bucket.steps[0], vector)
     windows = (bucket.flat_param[:elements], p.grad, bucket.exp_avg[:elements],
                bucket.exp_avg_sq[:elements], None, packed)

@@ -126,6 +126,7 @@ def step_flat(
     amsgrad: bool,
     maximize: bool,
     scaled: bool,
+    skippable: bool = False,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor | None]:
     """One out-of-place step of 1-D real tensors, results in ``param``'s dtype.
 
@@ -136,7 +137,7 @@ def step_flat(
     dtype = param.dtype
     coefficients = adamw_coefficients(step, *hyperparameters.unbind(), dtype=compute_dtype(dtype))
     new = adamw_elementwise(param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq, coefficients,
-                            amsgrad=amsgrad, maximize=maximize, scaled=scaled)
+                            amsgrad=amsgrad, maximize=maximize, scaled=scaled, skippable=skippable)
     return tuple(None if x is None else x.to(dtype) for x in new)
 
 
@@ -152,6 +153,7 @@ def step_together(
     amsgrad: bool,
     maximize: bool,
     scaled: bool,
+    skippable: bool = False,
     kernel: Callable[..., tuple] = step_flat,
 ) -> tuple[list[Tensor], list[Tensor], list[Tensor], list[Tensor] | None]:
     """One step of ``params`` that share a step count, a real dtype and complex-ness, as a single
@@ -168,7 +170,8 @@ def step_together(
     if sum(sizes) == 0:
         return tuple(None if column is None else list(column) for column in columns[:1] + columns[2:])
     flat = [None if column is None else torch.cat([_real(x).reshape(-1) for x in column]) for column in columns]
-    new = kernel(*flat, step, hyperparameters, amsgrad=amsgrad, maximize=maximize, scaled=scaled)
+    new = kernel(*flat, step, hyperparameters, amsgrad=amsgrad, maximize=maximize, scaled=scaled,
+                 skippable=skippable)
     return tuple(None if x is None else [restore(piece, like) for piece, like in zip(x.split(sizes), params)]
                  for x in new)
 

@@ -63,6 +63,7 @@ def apply_update_(
     amsgrad: bool,
     maximize: bool,
     scaled: bool,
+    skippable: bool = False,
 ) -> None:
     """:func:`adamw_elementwise` written back in place: the mutation lives only at this edge.
 
@@ -70,7 +71,7 @@ def apply_update_(
     """
     new_param, new_exp_avg, new_exp_avg_sq, new_max = adamw_elementwise(
         param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq, Coefficients(*coefficients.unbind()),
-        amsgrad=amsgrad, maximize=maximize, scaled=scaled,
+        amsgrad=amsgrad, maximize=maximize, scaled=scaled, skippable=skippable,
     )
     param.copy_(new_param)
     exp_avg.copy_(new_exp_avg)
@@ -93,12 +94,14 @@ def _configuration_name(kind: str, *parts: object) -> str:
 
 
 def update_kernel(
-    device_type: str, dtype: torch.dtype, amsgrad: bool, maximize: bool, scaled: bool, compiled: bool
+    device_type: str, dtype: torch.dtype, amsgrad: bool, maximize: bool, scaled: bool, skippable: bool,
+    compiled: bool
 ) -> Callable[..., None]:
     """:func:`apply_update_` for one configuration, compiled with Inductor unless ``compiled=False``."""
     if not compiled:
-        return functools.partial(apply_update_, amsgrad=amsgrad, maximize=maximize, scaled=scaled)
-    return _compiled_update(device_type, dtype, amsgrad, maximize, scaled)
+        return functools.partial(apply_update_, amsgrad=amsgrad, maximize=maximize, scaled=scaled,
+                                 skippable=skippable)
+    return _compiled_update(device_type, dtype, amsgrad, maximize, scaled, skippable)
 
 
 def coefficients_kernel(device_type: str, dtype: torch.dtype, compiled: bool) -> Callable[..., Tensor]:
@@ -109,7 +112,8 @@ def coefficients_kernel(device_type: str, dtype: torch.dtype, compiled: bool) ->
 
 
 def differentiable_kernel(
-    device_type: str, dtype: torch.dtype, amsgrad: bool, maximize: bool, scaled: bool, compiled: bool
+    device_type: str, dtype: torch.dtype, amsgrad: bool, maximize: bool, scaled: bool, skippable: bool,
+    compiled: bool
 ) -> Callable[..., tuple]:
     """:func:`~compiled_adamw.functional.step_flat` for ``dtype`` params, compiled unless
     ``compiled=False``.
@@ -119,7 +123,9 @@ def differentiable_kernel(
     ``retain_graph=True`` needs ``torch._functorch.config.donated_buffer = False`` (set when the
     step compiles and when backward runs; torch checks it in both places).
     """
-    return _compiled_differentiable(device_type, dtype, amsgrad, maximize, scaled) if compiled else step_flat
+    if not compiled:
+        return step_flat
+    return _compiled_differentiable(device_type, dtype, amsgrad, maximize, scaled, skippable)
 
 
 def without_base(tensor: Tensor | None) -> Tensor | None:
@@ -140,11 +146,11 @@ def _stripping_bases(kernel: Callable[..., Any], **static: Any) -> Callable[...,
 
 @functools.cache
 def _compiled_update(device_type: str, dtype: torch.dtype, amsgrad: bool, maximize: bool,
-                     scaled: bool) -> Callable[..., None]:
+                     scaled: bool, skippable: bool) -> Callable[..., None]:
     name = _configuration_name("adamw_update", device_type, dtype, f"amsgrad{int(amsgrad)}",
-                               f"maximize{int(maximize)}", f"scaled{int(scaled)}")
+                               f"maximize{int(maximize)}", f"scaled{int(scaled)}", *(["skippable"] if skippable else []))
     kernel = torch.compile(_own_code_copy(apply_update_, name), fullgraph=True, dynamic=True)
-    return _stripping_bases(kernel, amsgrad=amsgrad, maximize=maximize, scaled=scaled)
+    return _stripping_bases(kernel, amsgrad=amsgrad, maximize=maximize, scaled=scaled, skippable=skippable)
 
 
 @functools.cache
@@ -156,7 +162,7 @@ def _compiled_coefficients(device_type: str, dtype: torch.dtype) -> Callable[...
 
 @functools.cache
 def _compiled_differentiable(device_type: str, dtype: torch.dtype, amsgrad: bool, maximize: bool,
-                             scaled: bool) -> Callable[..., tuple]:
+                             scaled: bool, skippable: bool) -> Callable[..., tuple]:
     name = _configuration_name("adamw_differentiable", device_type, dtype, f"amsgrad{int(amsgrad)}",
-                               f"maximize{int(maximize)}", f"scaled{int(scaled)}")
+                               f"maximize{int(maximize)}", f"scaled{int(scaled)}", *(["skippable"] if skippable else []))
     return torch.compile(_own_code_copy(step_flat, name), fullgraph=True, dynamic=True)

@@ -60,13 +60,13 @@ FENCE_PARAMS = 256
 
 @torch.library.custom_op("compiled_adamw::step", mutates_args=("params", "steps"))
 def _step(handle: int, grads: list[Optional[Tensor]], params: list[Tensor], steps: list[Tensor],
-          hyperparameters: list[Tensor], fences: list[Tensor], scaled: bool) -> None:
+          hyperparameters: list[Tensor], fences: list[Tensor], scaled: bool, skippable: bool) -> None:
     with torch._C._ForceDispatchKeyGuard(*_EAGER_DISPATCH_KEYS):
-        _optimizers[handle]._step_buckets(grads, hyperparameters, scaled)
+        _optimizers[handle]._step_buckets(grads, hyperparameters, scaled, skippable)
 
 
 @_step.register_fake
-def _(handle, grads, params, steps, hyperparameters, fences, scaled) -> None:
+def _(handle, grads, params, steps, hyperparameters, fences, scaled, skippable) -> None:
     return None
 
 
@@ -82,13 +82,14 @@ def _(params, after) -> Tensor:
 
 
 def step_opaquely(optimizer: AdamW, grads: list[Tensor | None], hyperparameters: list[Tensor],
-                  scaled: bool) -> None:
-    """``optimizer._step_buckets(grads, hyperparameters, scaled)`` as one op of a user's trace."""
+                  scaled: bool, skippable: bool) -> None:
+    """``optimizer._step_buckets(grads, hyperparameters, scaled, skippable)`` as one op of a user's
+    trace."""
     buckets = [bucket for group in optimizer._buckets for bucket in group]
     params = [p for bucket in buckets for p in bucket.params]
     steps = [bucket.steps for bucket in buckets]
     slices = [params[i : i + FENCE_PARAMS] for i in range(FENCE_PARAMS, len(params), FENCE_PARAMS)]
     fences = [_written(written, []) for written in slices]
-    _step(optimizer._handle, grads, params[:FENCE_PARAMS], steps, hyperparameters, fences, scaled)
+    _step(optimizer._handle, grads, params[:FENCE_PARAMS], steps, hyperparameters, fences, scaled, skippable)
     for written in slices:
         _written(written, steps)

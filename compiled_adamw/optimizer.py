@@ -187,17 +187,21 @@ class AdamW(torch.optim.Optimizer):
         # user's trace]).
         hyperparameters = [settings.packed(settings.device, scaler) for settings in self._settings]
         grads = [p.grad for buckets in self._buckets for bucket in buckets for p in bucket.params]
+        # A clip alone multiplies the grads; a GradScaler's found_inf may also skip the step.
+        scaled, skippable = scaler is not None, getattr(self, "found_inf", None) is not None
         if tracing:
-            step_opaquely(self, grads, hyperparameters, scaler is not None)
+            step_opaquely(self, grads, hyperparameters, scaled, skippable)
         else:
-            self._step_buckets(grads, hyperparameters, scaler is not None)
+            self._step_buckets(grads, hyperparameters, scaled, skippable)
         self._clip[0] = None
         return loss
 
-    def _step_buckets(self, grads: list[Tensor | None], hyperparameters: list[Tensor], scaled: bool) -> None:
+    def _step_buckets(self, grads: list[Tensor | None], hyperparameters: list[Tensor], scaled: bool,
+                      skippable: bool) -> None:
         """The step proper, eager Python around our compiled kernels: ``grads`` are the params'
         in bucket order, ``hyperparameters`` each group's packed vector; ``scaled``: divide the
-        grads by ``grad_scale`` and skip where ``found_inf`` (Note [AMP inside the step])."""
+        grads by ``grad_scale``; ``skippable``: skip the step where ``found_inf`` (Note [AMP
+        inside the step])."""
         for index, (group, settings) in enumerate(zip(self.param_groups, self._settings)):
             _check_params_unchanged(index, group, settings)
         with torch.no_grad():
@@ -212,7 +216,7 @@ class AdamW(torch.optim.Optimizer):
                     bucket.set_amsgrad(settings.amsgrad, self.state)
                     bucket.init_state(self.state)
                 for bucket, plan in zip(self._buckets[index], plans[index]):
-                    self._step_bucket(settings, bucket, plan, hyperparameters[index], scaled)
+                    self._step_bucket(settings, bucket, plan, hyperparameters[index], scaled, skippable)
 
     def _grad_scaling(self) -> Tensor | None:
         """``[grad_scale, found_inf]`` for this step, float64 on the device: the step divides the
@@ -287,7 +291,7 @@ class AdamW(torch.optim.Optimizer):
         return [bucket.plan(_namer(index), [grad_of[p] for p in bucket.params]) for bucket in self._buckets[index]]
 
     def _step_bucket(self, settings: GroupSettings, bucket: FlatBucket, plan: StepPlan, hyperparameters: Tensor,
-                     scaled: bool) -> None:
+                     scaled: bool, skippable: bool) -> None:
         amsgrad, maximize = settings.amsgrad, settings.maximize
         dtype, device_type = compute_dtype(bucket.dtype), bucket.device.type
         hyperparameters = hyperparameters.to(bucket.device, non_blocking=True)
@@ -295,8 +299,8 @@ class AdamW(torch.optim.Optimizer):
         bucket.execute(
             plan,
             lambda step: coefficients(step, hyperparameters),
-            update_kernel(device_type, bucket.real_dtype, amsgrad, maximize, scaled, self.compile),
-            step_increment=_not_found(hyperparameters, bucket.device) if scaled else 1,
+            update_kernel(device_type, bucket.real_dtype, amsgrad, maximize, scaled, skippable, self.compile),
+            step_increment=_not_found(hyperparameters, bucket.device) if skippable else 1,
         )
 
     def _step_differentiable(self, params: list[Tensor], settings: GroupSettings, scaler: Tensor | None,
@@ -333,9 +337,9 @@ class AdamW(torch.optim.Optimizer):
             new = step_together(
                 members, [_grad_of(p) for p in members], *([s[key] for s in states] for key in STATE_KEYS[:2]),
                 [s["max_exp_avg_sq"] for s in states] if amsgrad else None, step, hyperparameters[device],
-                amsgrad=amsgrad, maximize=maximize, scaled=scaler is not None,
+                amsgrad=amsgrad, maximize=maximize, scaled=scaler is not None, skippable=scaler is not None,
                 kernel=differentiable_kernel(device.type, real_dtype, amsgrad, maximize, scaler is not None,
-                                             compiled))
+                                             scaler is not None, compiled))
             for p, state, new_param, *new_state in zip(members, states, *(column or [None] * len(members)
                                                                            for column in new)):
                 p.copy_(new_param)

@@ -24,9 +24,10 @@ Note [AMP inside the step]: with ``torch.amp.GradScaler``, ``grad`` is first div
 ``grad_scale``, and when ``found_inf`` is 1 the step leaves params and state as they were (the
 caller leaves the step count too), as torch's fused AdamW does: no host sync decides it. The
 coefficients always carry ``1 / grad_scale`` and ``found_inf`` (1 and 0 without a scaler), but
-the elementwise work is a static option, ``scaled``: measured on CPU (one 16M fp32 tensor, the
-default loop), the unscale and the three selects made every step 1.8x slower (8.8 against
-4.9 ms), a price that only steps with a scaler should pay.
+the elementwise work is two static options, ``scaled`` (the multiplication) and ``skippable``
+(the selects): measured on CPU (one 16M fp32 tensor, the default loop), the unscale and the three
+selects made every step 1.8x slower (8.8 against 4.9 ms), a price that only steps with a scaler
+should pay; a clip (Note [clipping inside the step]) multiplies and never skips.
 
 This is ``torch.optim.AdamW``'s documented algorithm with ``m_hat / (sqrt(v_hat) + eps)`` rewritten
 exactly as its implementation computes it. Note [where eps sits]: eps is added to
@@ -127,13 +128,15 @@ def adamw_elementwise(
     amsgrad: bool,
     maximize: bool,
     scaled: bool = False,
+    skippable: bool = False,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor | None]:
     """One AdamW step on real tensors; returns new ``(param, exp_avg, exp_avg_sq, max_exp_avg_sq)``.
 
     The math runs in the coefficients' dtype (float32 for float16/bfloat16 inputs); results are
-    returned in that dtype and rounded by whoever writes them back. ``amsgrad``, ``maximize`` and
-    ``scaled`` (a GradScaler's unscale and skip, Note [AMP inside the step]) are Python constants:
-    each combination specializes the compiled graph.
+    returned in that dtype and rounded by whoever writes them back. ``amsgrad``, ``maximize``,
+    ``scaled`` (multiply the grads by ``grad_multiplier``: a GradScaler's unscale, a clip) and
+    ``skippable`` (keep the old values where ``skip``: a GradScaler's overflow, Note [AMP inside
+    the step]) are Python constants: each combination specializes the compiled graph.
     """
     c = coefficients
     dtype = c.step_size.dtype
@@ -154,7 +157,7 @@ def adamw_elementwise(
         second_moment = exp_avg_sq
     denom = (second_moment + c.root_offset).sqrt() / c.bias_correction2_sqrt + c.eps
     param = param - c.step_size * (exp_avg / denom)
-    if not scaled:
+    if not skippable:
         return param, exp_avg, exp_avg_sq, max_exp_avg_sq
     skip = c.skip > 0  # Note [AMP inside the step]
     return tuple(None if new is None else torch.where(skip, before, new)

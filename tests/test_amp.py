@@ -97,3 +97,27 @@ def test_scaler_step_reads_nothing_on_the_host(make, expected):
     with _counting_host_reads() as reads:
         scaler.step(optimizer)
     assert (reads == []) == (expected == "none"), reads
+
+
+def test_scaler_step_inside_a_users_compile_matches_torch_fused():
+    """``scaler.step(opt)`` compiled by the user: the scaler's values reach our step as graph
+    inputs (Note [one opaque step in a user's trace]), an overflowing step is skipped."""
+    finals = []
+    for make in (lambda params: AdamW(params, lr=1e-2), lambda params: torch.optim.AdamW(params, lr=1e-2, fused=True)):
+        model, _ = model_and_twin()
+        optimizer = make(model.parameters())
+        scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10)
+        step = torch.compile(scaler.step) if isinstance(optimizer, AdamW) else scaler.step
+        for index in range(6):
+            x, y = batch(index)
+            optimizer.zero_grad()
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                loss = torch.nn.functional.mse_loss(model(x), y)
+            scaler.scale(loss).backward()
+            if index == 2:
+                model[0].weight.grad[0, 0] = float("inf")
+            step(optimizer)
+            scaler.update()
+        assert scaler.get_scale() == 2.0**9
+        finals.append([p.detach() for p in model.parameters()])
+    torch.testing.assert_close(finals[0], finals[1], rtol=1e-5, atol=1e-6)

@@ -39,7 +39,7 @@ def test_scheduled_run_compiles_each_kernel_once_without_graph_breaks():
         train(twin, reference, range(start, start + 3), schedulers[1])
     assert counters["stats"]["unique_graphs"] == graphs_before, "a hyperparameter change recompiled"
     assert dict(counters["graph_break"]) == breaks_before, dict(counters["graph_break"])
-    assert _cache_entries(kernels._compiled_update("cpu", torch.float32, False, False, False)) == 1
+    assert _cache_entries(kernels._compiled_update("cpu", torch.float32, False, False, False, False)) == 1
     assert _cache_entries(kernels._compiled_coefficients("cpu", torch.float32)) == 1
     assert_models_close(model, twin)
 
@@ -66,7 +66,7 @@ def test_partial_grads_and_new_step_counts_do_not_recompile():
 def test_each_step_is_two_kernels_one_pass_over_memory():
     """One elementwise kernel per bucket (plus the tiny scalar kernel), whatever the param count."""
     params = [torch.zeros(n) for n in (3, 100, 17, 1)]
-    update = kernels._compiled_update.__wrapped__("cpu", torch.float32, True, False, False)
+    update = kernels._compiled_update.__wrapped__("cpu", torch.float32, True, False, False, False)
     coefficients = kernels._compiled_coefficients.__wrapped__("cpu", torch.float32)
     hyperparameters = torch.tensor([1e-3, 0.9, 0.999, 1e-8, 0.01, 0.0, 1.0, 0.0], dtype=torch.float64)
     with torch._inductor.config.patch(fx_graph_cache=False):
