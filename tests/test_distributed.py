@@ -225,13 +225,6 @@ def test_fsdp2_trains_as_torch_keeps_sharded_state_and_resumes_from_a_sharded_ch
     torch.testing.assert_close(_flat(model), rank0["ours"], rtol=1e-5, atol=1e-6)
 
 
-@pytest.fixture
-def one_process_group(tmp_path):
-    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
-    yield
-    dist.destroy_process_group()
-
-
 def test_fsdp2_steps_local_shards_with_the_compiled_kernels(one_process_group):
     model, optimizer = _sharded()
     assert optimizer.compile

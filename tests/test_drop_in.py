@@ -11,7 +11,6 @@ import warnings
 
 import pytest
 import torch
-import torch.distributed as dist
 from torch.distributed.optim import ZeroRedundancyOptimizer
 
 from compiled_adamw import AdamW
@@ -133,13 +132,6 @@ def test_dcp_round_trip_resumes_exactly(trained, tmp_path):
 
 
 # ---- 4. params re-pointed by someone else ----------------------------------------------------
-
-@pytest.fixture
-def one_process_group(tmp_path):
-    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
-    yield
-    dist.destroy_process_group()
-
 
 def test_params_re_pointed_into_zero_buckets_are_stepped_there(one_process_group):
     model, twin = model_and_twin()
