@@ -12,7 +12,10 @@ may be folded in) and whose declared mutations are the params and the step count
 the eager step itself (``AdamW._step_buckets``), with our own compiled kernels, run when the graph
 runs: it checks params and grads, follows params that moved, creates the state at the first step,
 and steps. So the traced graph has the same operations for 10 params as for 10,000 (only its
-inputs grow), and the first call's graph is every call's.
+inputs grow, and a fence per 256 params, Note [fences for many params]), and the first call's
+graph is every call's. The op is called under ``no_grad``: params that require grad are written,
+as in the eager step, and AOTAutograd then skips their autograd bookkeeping (1,000 tensors:
+20.1 s to compile the first call against 22.5 s without).
 
 The state buffers are the body's own business, not the graph's: code in the same compiled
 function that reads ``optimizer.state`` sees the values of the step before.

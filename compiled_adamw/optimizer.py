@@ -190,7 +190,8 @@ class AdamW(torch.optim.Optimizer):
         # A clip alone multiplies the grads; a GradScaler's found_inf may also skip the step.
         scaled, skippable = scaler is not None, getattr(self, "found_inf", None) is not None
         if tracing:
-            step_opaquely(self, grads, hyperparameters, scaled, skippable)
+            with torch.no_grad():
+                step_opaquely(self, grads, hyperparameters, scaled, skippable)
         else:
             self._step_buckets(grads, hyperparameters, scaled, skippable)
         self._clip[0] = None
