@@ -137,14 +137,16 @@ class AdamW(torch.optim.Optimizer):
     # ---- copies and older checkpoints ---------------------------------------------------------
 
     def __getstate__(self) -> dict[str, Any]:
-        """What ``copy.deepcopy``, ``pickle`` and ``torch.save(optimizer)`` keep: torch's fields
-        and our options; the buckets are rebuilt from them."""
+        """What ``copy.deepcopy``, ``pickle`` and ``torch.save(optimizer)`` keep: torch's fields,
+        our options and a pending clip (Note [clipping inside the step]: the copy's next step
+        clips as the original's would); the buckets are rebuilt from them."""
         return {**super().__getstate__(), "param_groups": [dict(g) for g in self.param_groups],
-                "compile": self.compile, "differentiable": self.differentiable}
+                "compile": self.compile, "differentiable": self.differentiable, "_pending_clip": self._clip[0]}
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         """As torch.optim.AdamW's: fills what older checkpoints lack. torch's ``load_state_dict``
         calls it too; an unpickled or copied optimizer (which has no buckets yet) is rebuilt."""
+        pending_clip = state.pop("_pending_clip", None)
         super().__setstate__(state)
         for group in self.param_groups:
             for key, default in {**_TORCH_DEFAULTS, **OPTIONAL_DEFAULTS}.items():
@@ -153,6 +155,7 @@ class AdamW(torch.optim.Optimizer):
             group["differentiable"] = self.differentiable
         if "_buckets" not in self.__dict__:
             self._rebuild()
+            self._clip[0] = pending_clip
 
     def _rebuild(self) -> None:
         groups, state = self.param_groups, self.state

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import io
 
@@ -72,3 +73,25 @@ def through_disk(obj, **load_kwargs):
     torch.save(obj, buffer)
     buffer.seek(0)
     return torch.load(buffer, **{"weights_only": True, **load_kwargs})
+
+
+@contextlib.contextmanager
+def counting_host_reads():
+    """Counts the Tensor methods that read a value back to the host."""
+    reads = []
+    names = ("item", "tolist", "__bool__", "__float__", "__int__", "__index__")
+    originals = {name: getattr(torch.Tensor, name) for name in names}
+
+    def counted(name):
+        def read(self, *args, **kwargs):
+            reads.append(name)
+            return originals[name](self, *args, **kwargs)
+        return read
+
+    for name in names:
+        setattr(torch.Tensor, name, counted(name))
+    try:
+        yield reads
+    finally:
+        for name, original in originals.items():
+            setattr(torch.Tensor, name, original)

@@ -3,14 +3,12 @@ and an overflowing step is skipped inside the step, and the numbers are torch fu
 
 from __future__ import annotations
 
-import contextlib
-
 import pytest
 import torch
 
 from compiled_adamw import AdamW
 
-from .helpers import assert_models_close, batch, model_and_twin
+from .helpers import assert_models_close, batch, counting_host_reads, model_and_twin
 
 
 def _scaled_steps(model, optimizer, scaler, dtype, steps: range, *, clip: bool, overflow_at: int) -> None:
@@ -58,28 +56,6 @@ def test_a_skipped_step_leaves_params_and_state_exactly_as_they_were():
             assert torch.equal(value, state[name][key]), (name, key)
 
 
-@contextlib.contextmanager
-def _counting_host_reads():
-    """Counts the Tensor methods that read a value back to the host."""
-    reads = []
-    names = ("item", "tolist", "__bool__", "__float__", "__int__", "__index__")
-    originals = {name: getattr(torch.Tensor, name) for name in names}
-
-    def counted(name):
-        def read(self, *args, **kwargs):
-            reads.append(name)
-            return originals[name](self, *args, **kwargs)
-        return read
-
-    for name in names:
-        setattr(torch.Tensor, name, counted(name))
-    try:
-        yield reads
-    finally:
-        for name, original in originals.items():
-            setattr(torch.Tensor, name, original)
-
-
 @pytest.mark.parametrize("make, expected", [
     (lambda params: AdamW(params, lr=1e-2), "none"),
     (lambda params: torch.optim.AdamW(params, lr=1e-2, foreach=False), "some"),
@@ -94,7 +70,7 @@ def test_scaler_step_reads_nothing_on_the_host(make, expected):
     with torch.autocast("cpu", dtype=torch.bfloat16):
         loss = torch.nn.functional.mse_loss(model(x), y)
     scaler.scale(loss).backward()
-    with _counting_host_reads() as reads:
+    with counting_host_reads() as reads:
         scaler.step(optimizer)
     assert (reads == []) == (expected == "none"), reads
 

@@ -4,6 +4,7 @@ next step's elementwise pass (Note [clipping inside the step]): the numbers of
 
 from __future__ import annotations
 
+import copy
 import math
 
 import pytest
@@ -11,8 +12,7 @@ import torch
 
 from compiled_adamw import AdamW
 
-from .helpers import assert_models_close, batch, model_and_twin
-from .test_amp import _counting_host_reads
+from .helpers import assert_models_close, batch, counting_host_reads, model_and_twin
 
 
 def _clipped_steps(model, optimizer, steps: range, max_norm: float, norm_type: float, *, ours: bool) -> list:
@@ -68,6 +68,23 @@ def test_the_grads_keep_their_values_and_a_clip_counts_once_and_only_for_its_gra
     assert_models_close(model, twin)
 
 
+def test_a_copy_made_between_clip_and_step_clips_as_the_original():
+    model, _ = model_and_twin()
+    optimizer = AdamW(model.parameters(), lr=1e-2)
+    _clipped_steps(model, optimizer, range(2), 0.05, 2.0, ours=True)
+    x, y = batch(2)
+    optimizer.zero_grad()
+    torch.nn.functional.mse_loss(model(x), y).backward()
+    optimizer.clip_grad_norm_(0.05)
+    twin, copied = copy.deepcopy((model, optimizer))
+    for p, q in zip(model.parameters(), twin.parameters()):
+        q.grad = p.grad.clone()  # deepcopy leaves a Parameter's grad behind
+    for o in (optimizer, copied):
+        o.step()
+    for p, q in zip(model.parameters(), twin.parameters()):
+        assert torch.equal(p, q), "the copy stepped differently from the original"
+
+
 def test_a_nonfinite_norm_raises_only_when_asked():
     model, _ = model_and_twin()
     optimizer = AdamW(model.parameters(), lr=1e-2)
@@ -86,7 +103,7 @@ def test_clipping_and_stepping_read_nothing_on_the_host():
     x, y = batch(2)
     optimizer.zero_grad()
     torch.nn.functional.mse_loss(model(x), y).backward()
-    with _counting_host_reads() as reads:
+    with counting_host_reads() as reads:
         optimizer.clip_grad_norm_(0.05)
         optimizer.step()
     assert reads == []
