@@ -1,8 +1,8 @@
 """``python -m benchmarks.profile_large``: where our step's time goes on one large fp32 tensor.
 
-Times, interleaved, the whole step (ours and torch fused), our elementwise kernel alone as the
-optimizer compiles it (``dynamic=True``) and the same function compiled for the static length,
-and the scalar coefficients kernel.
+Times, interleaved, the whole step (ours and torch fused), our kernel alone as the optimizer
+compiles it (``dynamic=True``, called past Dynamo's frame hook) and the same function compiled for
+the static length, called through ``torch.compile``.
 """
 
 from __future__ import annotations
@@ -25,19 +25,16 @@ def main(elements: int = 16 * 2**20, repetitions: int = 15) -> None:
     ours.step()
     fused.step()
     bucket, vector = ours._buckets[0][0], ours._settings[0].vector
-    coefficients = kernels._compiled_coefficients("cpu", torch.float32)
     update = kernels._compiled_update("cpu", torch.float32, False, False, False, False)
-    packed = coefficients(bucket.steps[0], vector)
     windows = (bucket.flat_param[:elements], p.grad, bucket.exp_avg[:elements],
-               bucket.exp_avg_sq[:elements], None, packed)
+               bucket.exp_avg_sq[:elements], None, bucket.steps[0], vector)
     static = torch.compile(kernels.apply_update_, fullgraph=True, dynamic=False)
     unviewed = [kernels.without_base(w) for w in windows]
     parts = {
         "ours: whole step": ours.step,
         "torch fused: whole step": fused.step,
-        "ours: elementwise kernel (dynamic=True)": lambda: update(*windows),
+        "ours: kernel (dynamic=True)": lambda: update(*windows),
         "same function, dynamic=False": lambda: static(*unviewed, amsgrad=False, maximize=False, scaled=False),
-        "ours: coefficients kernel": lambda: coefficients(bucket.steps[0], vector),
     }
     seconds = {name: [] for name in parts}
     for _ in range(3):

@@ -428,25 +428,26 @@ class FlatBucket:
     def execute(
         self,
         plan: StepPlan,
-        coefficients: Callable[[Tensor], Tensor],
         update: Callable[..., None],
+        hyperparameters: Tensor,
         *,
         step_increment: Tensor | int,
     ) -> None:
-        """Carry out ``plan``: one kernel call per chunk of small params and per large param. A small
-        param that lives elsewhere is stepped in its chunk, staged through its home segment (unused
+        """Carry out ``plan``: one call of ``update(param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq,
+        step, hyperparameters)`` per chunk of small params and per large param. A small param
+        that lives elsewhere is stepped in its chunk, staged through its home segment (unused
         while it is away): copied in before the call and back after it."""
         grads = plan.grads
         for first, last in plan.runs:
             self.steps[first:last].add_(step_increment)
-            scalars = coefficients(self.step_aliases[first])
+            scalars = self.step_aliases[first], hyperparameters
             for call in self._calls(first, last, plan.away, plan.tangled):
                 if call.gathered is not None:
                     staged = [plan.memories[k].detach() for k in call.staged]
                     if staged:
                         torch._foreach_copy_(call.stages, staged)
                     torch._foreach_copy_(call.gathered, grads[call.first : call.last])
-                    update(call.param, call.grad, *call.state, scalars)
+                    update(call.param, call.grad, *call.state, *scalars)
                     if staged:
                         torch._foreach_copy_(staged, call.stages)
                 else:
@@ -463,7 +464,7 @@ class FlatBucket:
                 self.has_state[i] = True
                 state[param] = self.state_views(i)
 
-    def _update_one(self, call: _Call, memory: Tensor, grad: Tensor, scalars: Tensor,
+    def _update_one(self, call: _Call, memory: Tensor, grad: Tensor, scalars: tuple[Tensor, Tensor],
                     update: Callable[..., None]) -> None:
         """A call of its own for a large param: its grad and (if it lives elsewhere) its memory
         are read in place when their strides are the state's, and otherwise pass through
@@ -473,7 +474,7 @@ class FlatBucket:
         in_place = grad.stride() == self.strides[i] and (call.param is not None or param.stride() == self.strides[i])
         if in_place and self.sizes[i] >= 2:
             update(in_memory_order(param) if call.param is None else call.param, in_memory_order(grad),
-                   *call.state, scalars)
+                   *call.state, *scalars)
             return
         window = slice(self.starts[i], self.padded_ends[i])
         temporary_param, temporary_grad = (torch.zeros(window.stop - window.start, dtype=self.real_dtype,
@@ -483,7 +484,7 @@ class FlatBucket:
         grad_view.copy_(grad)
         state = tuple(None if buffer is None else buffer[window]
                       for buffer in (self.exp_avg, self.exp_avg_sq, self.max_exp_avg_sq))
-        update(temporary_param, temporary_grad, *state, scalars)
+        update(temporary_param, temporary_grad, *state, *scalars)
         param.copy_(param_view)
 
     def _advance_cohorts(self, present: list[bool]) -> None:

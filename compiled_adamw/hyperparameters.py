@@ -12,7 +12,7 @@ assigning beta1, a checkpoint being loaded) is validated and written at once int
 float64 vector ``[lr, beta1, beta2, eps, weight_decay, eps_root, 1, 0]`` on the params' device
 (the last two are the ``grad_scale`` and ``found_inf`` of a step without a GradScaler, Note [AMP
 inside the step]), which
-the step passes to the compiled coefficients as one argument. Because the step reads no Python
+the step passes to its compiled kernel as one argument. Because the step reads no Python
 float, a user's ``torch.compile`` around it has no float to guard on, and a CUDA graph replay
 needs no Python. A tensor given for a hyperparameter is the user's: the step reads it and never
 writes into it (a scheduler may ``fill_`` it, as torch's do), so a tensor shared by several groups

@@ -1,4 +1,4 @@
-"""The step's two kernels, compiled once per static configuration (or run eagerly).
+"""The step's kernel, compiled once per static configuration (or run eagerly).
 
 Note [one code object per configuration]: Dynamo keeps its compiled graphs on the Python code
 object and stops compiling a code object after ``torch._dynamo.config.recompile_limit`` (8)
@@ -8,12 +8,15 @@ configuration (device type, dtype, amsgrad, maximize) gets its own copy of the c
 copy compiles exactly once (``dynamic=True`` keeps buffer lengths and offsets symbolic), and any
 further compile of a copy is a real recompile that the tests catch.
 
-Note [scalars outside the elementwise kernel]: ``beta ** step`` inlined into the elementwise kernel
-is recomputed for every vector of elements by Inductor's generated code, which halves the
-bandwidth of the step. The coefficients are therefore a separate (tiny) compiled function. Its
-inputs (the group's hyperparameters) and outputs (the :class:`Coefficients`) each travel as one
-1-D tensor: every tensor argument of a compiled function costs a guard check on each call, and
-that per-call overhead, not the kernel, is what limits a step over many small tensors.
+Note [scalars once per call]: ``beta ** step`` inlined into the elementwise loop is recomputed
+for every vector of elements by Inductor's generated code, which halves the bandwidth of the step.
+The kernel therefore first stacks its scalars (:func:`packed_coefficients`) into one small tensor:
+Inductor computes it once, before the elementwise loop, in the same C++ function, and the loop
+reads it (``test_each_step_is_one_kernel_with_its_scalars_outside_the_loop``). The group's
+hyperparameters reach the kernel as one 1-D tensor: every tensor argument of a compiled function
+costs a guard check on each call, and that per-call overhead, not the kernel, is what limits a step
+over many small tensors. (The scalars used to be a compiled function of their own: a second call
+per step, 13 us of overhead, Note [calls past Dynamo's frame hook].)
 
 Note [inputs without a view base]: the kernels get windows of the flat buffers. Dynamo guards on
 how an input view relates to its ``_base`` (a window that was the whole buffer when compiled gets
@@ -26,6 +29,17 @@ skips the probe, but measured on this project's 2-core AMD EPYC (fresh process p
 16M fp32 elements), the kernel it built ran 8.3 ms against 7.1 ms with the probe (torch fused:
 7.2 ms), with the same ISA and the same generated C++. We keep the probe: it costs once per
 process, the slower kernel every step.
+
+Note [calls past Dynamo's frame hook]: a call of a ``torch.compile``'d function goes through
+Dynamo's frame hook, its guards and its wrappers before the compiled code runs: 17 us against
+7 us for the same compiled code called directly, measured on this project's 2-core CPU (a 1,024
+element in-place add; the eager op takes 3 us). A step over a small model is a few such calls, so
+that hook, not the kernels, was most of its time (one 1,024-element param: 0.093 ms per step
+against torch fused's 0.031 ms). So after a kernel's first call each call checks Dynamo's own
+guards for it (``guard_manager.check``, the check Dynamo's hook runs, 1.5 us) and runs the code
+Dynamo compiled for the frame, as the hook would; a call whose guards fail goes through
+``torch.compile`` as before, and compiles, which the recompile tests count. The compiled code is
+the kernel's: :func:`reset` forgets it together with Dynamo's caches.
 """
 
 from __future__ import annotations
@@ -36,19 +50,19 @@ from typing import Any, Callable
 
 import torch
 from torch import Tensor
+from torch._dynamo.eval_frame import _debug_get_cache_entry_list
 
 from .functional import step_flat
-from .update import Coefficients, adamw_coefficients, adamw_elementwise
+from .update import Coefficients, adamw_coefficients, adamw_elementwise, compute_dtype
 
-__all__ = ["apply_update_", "coefficients_kernel", "differentiable_kernel", "packed_coefficients",
+__all__ = ["apply_update_", "differentiable_kernel", "packed_coefficients", "reset",
            "update_kernel", "without_base"]
-
 
 
 def packed_coefficients(step: Tensor, hyperparameters: Tensor, *, dtype: torch.dtype) -> Tensor:
     """:func:`adamw_coefficients` from ``hyperparameters = [lr, beta1, beta2, eps, weight_decay,
-    eps_root, grad_scale, found_inf]``, stacked into one 1-D tensor (Note [scalars outside the
-    elementwise kernel])."""
+    eps_root, grad_scale, found_inf]``, stacked into one 1-D tensor (Note [scalars once per
+    call])."""
     return torch.stack(adamw_coefficients(step, *hyperparameters.unbind(), dtype=dtype))
 
 
@@ -58,17 +72,18 @@ def apply_update_(
     exp_avg: Tensor,
     exp_avg_sq: Tensor,
     max_exp_avg_sq: Tensor | None,
-    coefficients: Tensor,
+    step: Tensor,
+    hyperparameters: Tensor,
     *,
     amsgrad: bool,
     maximize: bool,
     scaled: bool,
     skippable: bool = False,
 ) -> None:
-    """:func:`adamw_elementwise` written back in place: the mutation lives only at this edge.
-
-    ``coefficients`` is the packed output of :func:`packed_coefficients`.
-    """
+    """:func:`adamw_elementwise` of step ``step`` (already incremented) written back in place: the
+    mutation lives only at this edge. ``hyperparameters`` are packed as for
+    :func:`packed_coefficients`."""
+    coefficients = packed_coefficients(step, hyperparameters, dtype=compute_dtype(param.dtype))
     new_param, new_exp_avg, new_exp_avg_sq, new_max = adamw_elementwise(
         param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq, Coefficients(*coefficients.unbind()),
         amsgrad=amsgrad, maximize=maximize, scaled=scaled, skippable=skippable,
@@ -104,13 +119,6 @@ def update_kernel(
     return _compiled_update(device_type, dtype, amsgrad, maximize, scaled, skippable)
 
 
-def coefficients_kernel(device_type: str, dtype: torch.dtype, compiled: bool) -> Callable[..., Tensor]:
-    """:func:`packed_coefficients` producing ``dtype`` scalars, compiled unless ``compiled=False``."""
-    if not compiled:
-        return functools.partial(packed_coefficients, dtype=dtype)
-    return _compiled_coefficients(device_type, dtype)
-
-
 def differentiable_kernel(
     device_type: str, dtype: torch.dtype, amsgrad: bool, maximize: bool, scaled: bool, skippable: bool,
     compiled: bool
@@ -129,19 +137,46 @@ def differentiable_kernel(
 
 
 def without_base(tensor: Tensor | None) -> Tensor | None:
-    """The same memory, shape and strides, with no ``_base`` (Note [inputs without a view base])."""
-    if tensor is None or tensor._base is None:
+    """The same memory, shape and strides, with no ``_base`` (Note [inputs without a view base]);
+    a tensor that requires grad is returned as it is, since an alias would have no history."""
+    if tensor is None or tensor._base is None or tensor.requires_grad:
         return tensor
     alias = torch.empty(0, dtype=tensor.dtype, device=tensor.device)
     return alias.set_(tensor.untyped_storage(), tensor.storage_offset(), tensor.shape, tensor.stride())
 
 
-def _stripping_bases(kernel: Callable[..., Any], **static: Any) -> Callable[..., Any]:
-    def call(*tensors: Tensor | None) -> Any:
-        return kernel(*map(without_base, tensors), **static)
+class _Kernel:
+    """``fn`` compiled for one configuration (its ``static`` keyword arguments, or those given at
+    each call), called with tensors; after the first call, past Dynamo's frame hook (Note [calls
+    past Dynamo's frame hook]). Its inputs lose their view bases (Note [inputs without a view
+    base])."""
 
-    call.compiled = kernel
-    return call
+    def __init__(self, fn: Callable[..., Any], name: str, *, dynamic: bool, **static: Any):
+        function = _own_code_copy(fn, name)
+        self.compiled = torch.compile(function, fullgraph=True, dynamic=dynamic)
+        self._code, self._globals, self._static = function.__code__, function.__globals__, static
+        self._names = self._code.co_varnames[: self._code.co_argcount]
+        self._entries: list[tuple[Any, Callable[..., Any]]] = []
+
+    def __call__(self, *tensors: Tensor | None, **options: Any) -> Any:
+        tensors = tuple(map(without_base, tensors))
+        options = {**self._static, **options} if options else self._static
+        frame_locals = dict(zip(self._names, tensors), **options)
+        for guards, transformed in self._entries:
+            if guards.check(frame_locals):
+                return transformed(*tensors, **options)
+        result = self.compiled(*tensors, **options)
+        self._entries = [(entry.guard_manager, types.FunctionType(entry.code, self._globals))
+                         for entry in _debug_get_cache_entry_list(self._code)]
+        return result
+
+
+def reset() -> None:
+    """``torch._dynamo.reset()``, and our kernels forget their compiled code with it: the next
+    step compiles them again."""
+    torch._dynamo.reset()
+    _compiled_update.cache_clear()
+    _compiled_differentiable.cache_clear()
 
 
 @functools.cache
@@ -149,15 +184,8 @@ def _compiled_update(device_type: str, dtype: torch.dtype, amsgrad: bool, maximi
                      scaled: bool, skippable: bool) -> Callable[..., None]:
     name = _configuration_name("adamw_update", device_type, dtype, f"amsgrad{int(amsgrad)}",
                                f"maximize{int(maximize)}", f"scaled{int(scaled)}", *(["skippable"] if skippable else []))
-    kernel = torch.compile(_own_code_copy(apply_update_, name), fullgraph=True, dynamic=True)
-    return _stripping_bases(kernel, amsgrad=amsgrad, maximize=maximize, scaled=scaled, skippable=skippable)
-
-
-@functools.cache
-def _compiled_coefficients(device_type: str, dtype: torch.dtype) -> Callable[..., Tensor]:
-    name = _configuration_name("adamw_coefficients", device_type, dtype)
-    kernel = torch.compile(_own_code_copy(packed_coefficients, name), fullgraph=True, dynamic=False)
-    return _stripping_bases(kernel, dtype=dtype)
+    return _Kernel(apply_update_, name, dynamic=True, amsgrad=amsgrad, maximize=maximize, scaled=scaled,
+                   skippable=skippable)
 
 
 @functools.cache
@@ -165,4 +193,4 @@ def _compiled_differentiable(device_type: str, dtype: torch.dtype, amsgrad: bool
                              scaled: bool, skippable: bool) -> Callable[..., tuple]:
     name = _configuration_name("adamw_differentiable", device_type, dtype, f"amsgrad{int(amsgrad)}",
                                f"maximize{int(maximize)}", f"scaled{int(scaled)}", *(["skippable"] if skippable else []))
-    return torch.compile(_own_code_copy(step_flat, name), fullgraph=True, dynamic=True)
+    return _Kernel(step_flat, name, dynamic=True)

@@ -22,9 +22,8 @@ from .flat_bucket import STATE_KEYS, FlatBucket, StepPlan, check_grad, group_int
 from .functional import group_key, step_together
 from .hyperparameters import (GROUP_KEYS, OPTIONAL_DEFAULTS, SCALAR_NAMES, GroupSettings, ParamGroup, check_value,
                               group_value)
-from .kernels import coefficients_kernel, differentiable_kernel, update_kernel
+from .kernels import differentiable_kernel, update_kernel
 from .opaque_step import register, step_opaquely
-from .update import compute_dtype
 
 __all__ = ["AdamW"]
 
@@ -296,14 +295,12 @@ class AdamW(torch.optim.Optimizer):
 
     def _step_bucket(self, settings: GroupSettings, bucket: FlatBucket, plan: StepPlan, hyperparameters: Tensor,
                      scaled: bool, skippable: bool) -> None:
-        amsgrad, maximize = settings.amsgrad, settings.maximize
-        dtype, device_type = compute_dtype(bucket.dtype), bucket.device.type
         hyperparameters = hyperparameters.to(bucket.device, non_blocking=True)
-        coefficients = coefficients_kernel(device_type, dtype, self.compile)
         bucket.execute(
             plan,
-            lambda step: coefficients(step, hyperparameters),
-            update_kernel(device_type, bucket.real_dtype, amsgrad, maximize, scaled, skippable, self.compile),
+            update_kernel(bucket.device.type, bucket.real_dtype, settings.amsgrad, settings.maximize, scaled,
+                          skippable, self.compile),
+            hyperparameters,
             step_increment=_not_found(hyperparameters, bucket.device) if skippable else 1,
         )
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import subprocess
@@ -40,7 +41,6 @@ def test_scheduled_run_compiles_each_kernel_once_without_graph_breaks():
     assert counters["stats"]["unique_graphs"] == graphs_before, "a hyperparameter change recompiled"
     assert dict(counters["graph_break"]) == breaks_before, dict(counters["graph_break"])
     assert _cache_entries(kernels._compiled_update("cpu", torch.float32, False, False, False, False)) == 1
-    assert _cache_entries(kernels._compiled_coefficients("cpu", torch.float32)) == 1
     assert_models_close(model, twin)
 
 
@@ -63,22 +63,80 @@ def test_partial_grads_and_new_step_counts_do_not_recompile():
     assert_models_close(model, twin)
 
 
-def test_each_step_is_two_kernels_one_pass_over_memory():
-    """One elementwise kernel per bucket (plus the tiny scalar kernel), whatever the param count."""
+def test_after_its_first_call_a_kernel_runs_past_dynamos_frame_hook():
+    """Note [calls past Dynamo's frame hook]: later steps run the code Dynamo compiled, after its
+    guards pass, without calling the ``torch.compile``'d function; the numbers stay torch's."""
+    model, twin = model_and_twin()
+    optimizer, reference = ours(model), torch.optim.AdamW(twin.parameters(), lr=1e-2)
+    train(model, optimizer, range(1))
+    train(twin, reference, range(1))
+    kernel = kernels._compiled_update("cpu", torch.float32, False, False, False, False)
+    through_torch_compile = []
+    original = kernel.compiled
+    kernel.compiled = lambda *args, **kwargs: through_torch_compile.append(args) or original(*args, **kwargs)
+    try:
+        train(model, optimizer, range(1, 6))
+    finally:
+        kernel.compiled = original
+    train(twin, reference, range(1, 6))
+    assert through_torch_compile == []
+    assert_models_close(model, twin)
+
+
+def test_a_call_whose_guards_fail_compiles_through_torch_compile_and_is_right():
+    """A call that Dynamo's guards reject (float64 windows for a float32 kernel's graph) is not
+    given the wrong graph: it goes through ``torch.compile``, which compiles a graph for it, and
+    the next such call runs past the hook with that graph."""
+    kernel = kernels._compiled_update.__wrapped__("cpu", torch.float32, False, False, False, False)
+    hyperparameters = torch.tensor([1e-2, 0.9, 0.999, 1e-8, 0.01, 0.0, 1.0, 0.0], dtype=torch.float64)
+
+    def windows(dtype):
+        torch.manual_seed(0)
+        return [torch.randn(40, dtype=dtype), torch.randn(40, dtype=dtype), torch.zeros(40, dtype=dtype),
+                torch.zeros(40, dtype=dtype), None, torch.tensor(1.0)]
+
+    def stepped(dtype, update):
+        tensors = windows(dtype)
+        update(*tensors, hyperparameters)
+        return tensors
+
+    eager = functools.partial(kernels.apply_update_, amsgrad=False, maximize=False, scaled=False)
+    graphs_before = counters["stats"]["unique_graphs"]
+    for dtype in (torch.float32, torch.float32, torch.float64, torch.float64, torch.float32):
+        for ours_, expected in zip(stepped(dtype, kernel), stepped(dtype, eager)):
+            torch.testing.assert_close(ours_, expected)
+    assert counters["stats"]["unique_graphs"] - graphs_before == 2
+    assert _cache_entries(kernel) == 2
+
+
+def test_reset_forgets_the_kernels_compiled_code():
+    """``kernels.reset()`` is ``torch._dynamo.reset()`` for our kernels too: the next step compiles."""
+    model, twin = model_and_twin()
+    optimizer, reference = ours(model), torch.optim.AdamW(twin.parameters(), lr=1e-2)
+    train(model, optimizer, range(1))
+    kernels.reset()
+    graphs_before = counters["stats"]["unique_graphs"]
+    train(model, optimizer, range(1, 3))
+    assert counters["stats"]["unique_graphs"] - graphs_before == 1
+    train(twin, reference, range(3))
+    assert_models_close(model, twin)
+
+
+def test_each_step_is_one_kernel_with_its_scalars_outside_the_loop():
+    """One C++ kernel per call, whatever the param count; the scalars (``beta ** step``...) are
+    computed before its elementwise loop, not in it (Note [scalars once per call])."""
     params = [torch.zeros(n) for n in (3, 100, 17, 1)]
     update = kernels._compiled_update.__wrapped__("cpu", torch.float32, True, False, False, False)
-    coefficients = kernels._compiled_coefficients.__wrapped__("cpu", torch.float32)
     hyperparameters = torch.tensor([1e-3, 0.9, 0.999, 1e-8, 0.01, 0.0, 1.0, 0.0], dtype=torch.float64)
+    flat = torch.cat(params)
     with torch._inductor.config.patch(fx_graph_cache=False):
-        packed, (scalar_code,) = run_and_get_code(coefficients, torch.tensor(1.0), hyperparameters)
-        flat = torch.cat(params)
-        _, (update_code,) = run_and_get_code(update, flat, flat + 1, flat.clone(), flat.clone(), flat.clone(), packed)
-    assert scalar_code.count("async_compile.cpp_pybinding(") == 1
-    assert update_code.count("async_compile.cpp_pybinding(") == 1
-    scalar_kernel, update_kernel = (code.split("cpp_pybinding")[1].split("'''")[1]
-                                    for code in (scalar_code, update_code))
-    assert "std::pow" in scalar_kernel
-    assert "pow" not in update_kernel, "the scalar math was inlined into the elementwise kernel"
+        _, (code,) = run_and_get_code(update, flat, flat + 1, flat.clone(), flat.clone(), flat.clone(),
+                                      torch.tensor(1.0), hyperparameters)
+    assert code.count("async_compile.cpp_pybinding(") == 1
+    kernel = code.split("cpp_pybinding")[1].split("'''")[1]
+    scalars, loop = kernel.split("<static_cast<int64_t>(ks0)", 1)  # the loop over the symbolic length
+    assert "std::pow" in scalars
+    assert "pow" not in loop, "the scalar math was inlined into the elementwise loop"
 
 
 def test_step_inside_a_users_fullgraph_compile_with_a_scheduler_attached():
@@ -247,4 +305,4 @@ def test_cold_first_step_compiles_the_same_graphs_at_1000_and_10000_params(tmp_p
                              capture_output=True, text=True).stdout
         compiled.append(json.loads(out.splitlines()[-1]))
     assert compiled[0] == compiled[1]
-    assert compiled[0]["graphs"] == 2, "one scalar kernel and one elementwise kernel"
+    assert compiled[0]["graphs"] == 1, "one kernel"
