@@ -13,7 +13,9 @@ is, for every path (our own layout, someone else's buckets, autograd's fresh gra
   param's values are copied into ``flat_param`` and the param is re-pointed (``p.data = alias``)
   to its segment through a tensor with a storage object of its own (DLPack aliasing): the same
   ``Parameter``, shape and strides; ``torch.save`` of part of a model writes that part's bytes;
-  ``model.load_state_dict`` copies in place. A param that is not dense (a strided slice) is left
+  ``model.load_state_dict`` copies in place. Our kernels write through aliases, which autograd
+  does not see, so a step bumps the version counters of the params it stepped and of the state
+  buffers itself, as torch's in-place step does (``_count_writes``). A param that is not dense (a strided slice) is left
   where it is, and so is a sharded param (a ``DTensor``, FSDP2's): its local shard is FSDP's
   memory, which FSDP all-gathers from, so re-pointing it would make FSDP gather stale values.
 * **A sharded param is stepped as its local shard** (:func:`memory_of`). The update is
@@ -129,14 +131,12 @@ def _own_storage(view: Tensor) -> Tensor:
     return torch.from_dlpack(view)
 
 
-def in_memory_order(tensor: Tensor) -> Tensor:
-    """A dense ``tensor`` as a 1-D real view of its memory, in memory order."""
-    if tensor.is_complex():
-        tensor = torch.view_as_real(tensor)
-    if tensor.dim() == 1:
-        return tensor
-    order = sorted(range(tensor.dim()), key=lambda d: -tensor.stride(d))
-    return tensor.permute(order).reshape(-1)
+def dense_memory(tensor: Tensor, length: int, real_dtype: torch.dtype) -> Tensor:
+    """The memory of a dense ``tensor`` (no gaps, no overlaps) as a 1-D tensor of its ``length``
+    real elements, in memory order, with no view base (Note [inputs without a view base])."""
+    offset = tensor.storage_offset() * (2 if tensor.is_complex() else 1)
+    alias = torch.empty(0, dtype=real_dtype, device=tensor.device)
+    return alias.set_(tensor.untyped_storage(), offset, (length,), (1,))
 
 
 def _dense_strides(tensor: Tensor) -> tuple[int, ...]:
@@ -453,6 +453,17 @@ class FlatBucket:
                 else:
                     self._update_one(call, plan.memories[call.first], grads[call.first], scalars, update)
         self._advance_cohorts(plan.present)
+        self._count_writes(plan)
+
+    def _count_writes(self, plan: StepPlan) -> None:
+        """Bump the version counters of what the step wrote -- the stepped params and the state --
+        as torch's in-place step does: a backward through a graph that saved a param before the
+        step then fails as it does with torch, instead of using the new values (our kernels write
+        through aliases, whose writes autograd does not see)."""
+        stepped = (plan.memories if plan.runs == [(0, len(self.params))]
+                   else [plan.memories[i] for first, last in plan.runs for i in range(first, last)])
+        state = [buffer for buffer in (self.exp_avg, self.exp_avg_sq, self.max_exp_avg_sq) if buffer is not None]
+        torch.autograd.graph.increment_version([*stepped, *state])
 
     def init_state(self, state: MutableMapping[Tensor, dict]) -> None:
         """Give each param that has a grad and no state yet its state views."""
@@ -470,12 +481,12 @@ class FlatBucket:
         are read in place when their strides are the state's, and otherwise pass through
         temporaries in the state's layout."""
         i = call.first
-        param = memory.detach()
-        in_place = grad.stride() == self.strides[i] and (call.param is not None or param.stride() == self.strides[i])
+        in_place = grad.stride() == self.strides[i] and (call.param is not None or memory.stride() == self.strides[i])
         if in_place and self.sizes[i] >= 2:
-            update(in_memory_order(param) if call.param is None else call.param, in_memory_order(grad),
-                   *call.state, *scalars)
+            update(dense_memory(memory, self.sizes[i], self.real_dtype) if call.param is None else call.param,
+                   dense_memory(grad, self.sizes[i], self.real_dtype), *call.state, *scalars)
             return
+        param = memory.detach()
         window = slice(self.starts[i], self.padded_ends[i])
         temporary_param, temporary_grad = (torch.zeros(window.stop - window.start, dtype=self.real_dtype,
                                                        device=self.device) for _ in range(2))

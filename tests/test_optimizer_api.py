@@ -70,6 +70,28 @@ def test_params_reassigned_after_construction_are_adopted():
     assert_models_close(model, twin)
 
 
+@pytest.mark.parametrize("where", ["home", "re-pointed", "eager-kernels", "users-compile"])
+def test_a_step_bumps_the_params_versions_so_a_stale_backward_fails_as_with_torch(where):
+    """torch's step writes the params in place, which bumps their version counters: a backward
+    through a graph that saved a param before the step then raises instead of using the new
+    values. Ours writes through aliases, so it bumps them itself -- wherever the param lives,
+    whichever path steps it."""
+    model, twin = model_and_twin()
+    if where == "re-pointed":
+        model[0].weight.data = model[0].weight.data.t().contiguous().t()  # away from home, another layout
+    optimizer = ours(model, compile=where != "eager-kernels")
+    for m, step in ((model, torch.compile(optimizer.step, fullgraph=True) if where == "users-compile" else optimizer.step),
+                    (twin, torch.optim.AdamW(twin.parameters(), lr=1e-2).step)):
+        x, y = batch(0)
+        torch.nn.functional.mse_loss(m(x), y).backward()
+        stale = (m[0].weight ** 2).sum() + (m[2].bias ** 2).sum()  # saves both params
+        versions = [p._version for p in m.parameters()]
+        step()
+        assert all(p._version > v for p, v in zip(m.parameters(), versions))
+        with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+            stale.backward()
+
+
 def test_all_six_hooks_closure_and_zero_grad():
     model, _ = model_and_twin()
     optimizer = ours(model)
