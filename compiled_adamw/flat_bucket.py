@@ -23,7 +23,10 @@ is, for every path (our own layout, someone else's buckets, autograd's fresh gra
   shards' (flat, ours) and ``optimizer.state[p]`` holds them as DTensors with the param's mesh and
   placements, which is what ``torch.distributed.checkpoint`` saves and reshards.
 * **A param re-pointed by someone else is stepped where it now lives**, never taken back: ZeRO's
-  bucket views, ``load_state_dict(assign=True)``, ``p.data = p.data.contiguous()``. A small one
+  bucket views, ``load_state_dict(assign=True)``, ``p.data = p.data.contiguous()``. A step
+  notices a move by comparing each param with a detached alias of where it was last seen
+  (``Tensor.is_set_to``: storage, offset, shape and strides, one C call per param); only then
+  does it look closer (``_find_away``) and remember the new places. A small one
   is stepped in its chunk's kernel call, staged through its home segment (which nobody else
   uses while it is away): one ``_foreach_copy_`` in per chunk, one back. A large one gets its own
   call: if its strides match its state's, the kernel reads and writes its memory directly;
@@ -216,7 +219,8 @@ class FlatBucket:
                     self._bring_home(i)
                 else:  # stepped where it is: its segment is only ever padding
                     self.flat_param[self.starts[i] : self.ends[i]].zero_()
-        self.never_home = frozenset(i for i, ptr in enumerate(self.home_ptrs) if ptr is None)
+        never_home = frozenset(i for i, ptr in enumerate(self.home_ptrs) if ptr is None)
+        self._remember(list(map(memory_of, self.params)), never_home, frozenset())
 
     def _zeros(self, length: int) -> Tensor:
         return _static(torch.zeros(length, dtype=self.real_dtype, device=self.device))
@@ -331,21 +335,30 @@ class FlatBucket:
             memories = list(map(memory_of, memories))
             grads = [None if g is None else memory_of(g) for g in grads]
         present = [g is not None for g in grads]
-        away, tangled, changed = self.never_home, frozenset(), False
-        if not self._all_home(memories):
+        away, tangled, changed = self._away, self._tangled, False
+        if not self._where_last_seen(memories):
             away, tangled, changed = self._find_away(memories, where)
+            if not changed:
+                self._remember(memories, away, tangled)
         if changed or not self._grads_fit(grads, present):
             for i, (memory, grad) in enumerate(zip(memories, grads)):
                 if grad is not None:
                     check_grad(where(self.positions[i]), grad, memory.device, memory.dtype, memory.shape)
         return StepPlan(self._runs(present), present, grads, memories, away, tangled, changed)
 
-    def _all_home(self, memories: list[Tensor]) -> bool:
-        """The common case, checked at C speed: every param at its home, with its shape and its
-        strides (a square param transposed in place keeps its pointer and its shape)."""
-        return (list(map(Tensor.data_ptr, memories)) == self.home_ptrs
-                and list(map(_shape, memories)) == self.shapes
-                and list(map(Tensor.stride, memories)) == self.strides)
+    def _where_last_seen(self, memories: list[Tensor]) -> bool:
+        """Whether every param is where the last plan saw it, at C speed (Note [where memory
+        lives]); False on a device without ``is_set_to`` (meta): then every step looks closer."""
+        try:
+            return all(map(Tensor.is_set_to, memories, self._last_seen))
+        except NotImplementedError:
+            return False
+
+    def _remember(self, memories: list[Tensor], away: frozenset[int], tangled: frozenset[int]) -> None:
+        """Where each param's memory is now (storage, offset, shape, strides, kept by a detached
+        alias: the param itself may be re-pointed later) and what that means for the step."""
+        self._last_seen = [memory.detach() for memory in memories]
+        self._away, self._tangled = away, tangled
 
     def _find_away(self, memories: list[Tensor],
                    where: Callable[[int], str]) -> tuple[frozenset[int], frozenset[int], bool]:

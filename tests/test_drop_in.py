@@ -373,6 +373,32 @@ def test_a_square_param_transposed_in_place_is_stepped_by_its_elements():
     torch.testing.assert_close(params, references)
 
 
+def test_a_param_that_keeps_moving_is_stepped_wherever_it_is_each_step():
+    """A step remembers where each param was last seen (Note [where memory lives]): moved away,
+    moved again, transposed and transposed back, each param is stepped where it is at each
+    step, as torch's."""
+    def make() -> list[torch.nn.Parameter]:
+        generator = torch.Generator().manual_seed(0)
+        return [torch.nn.Parameter(torch.randn(4, 4, generator=generator)),
+                torch.nn.Parameter(torch.randn(70_000, generator=generator))]  # a kernel call of its own
+
+    moves = {1: lambda p: p.data.clone(), 2: lambda p: p.data.clone(), 4: lambda p: p.data.t(),
+             5: lambda p: p.data.t()}
+    params, references = make(), make()
+    optimizer, reference = AdamW(params, lr=0.1), torch.optim.AdamW(references, lr=0.1)
+    for step in range(7):
+        if step in moves:
+            for p in (params[0], references[0], params[1], references[1]):
+                if p.dim() == 2 or step < 4:
+                    p.data = moves[step](p)
+        for p, q in zip(params, references):
+            grad = torch.arange(p.numel(), dtype=torch.float32).reshape(p.shape) / p.numel() + step
+            p.grad, q.grad = grad.clone(), grad.clone()
+        optimizer.step()
+        reference.step()
+        torch.testing.assert_close(params, references)
+
+
 # ---- 13. saving part of a model --------------------------------------------------------------
 
 def test_saving_part_of_a_model_writes_that_parts_bytes():
