@@ -30,6 +30,8 @@ from typing import TYPE_CHECKING, Optional
 import torch
 from torch import Tensor
 
+from .flat_bucket import memory_of
+
 if TYPE_CHECKING:
     from .optimizer import AdamW
 
@@ -89,8 +91,11 @@ def step_opaquely(optimizer: AdamW, grads: list[Tensor | None], hyperparameters:
                   scaled: bool, skippable: bool) -> None:
     """``optimizer._step_buckets(grads, hyperparameters, scaled, skippable)`` as one op of a user's
     trace."""
+    # A sharded param (FSDP2's DTensor) and its grad enter as their local shards, which the
+    # step reads and writes (Note [where memory lives]); DTensor has no rule for our op.
+    grads = [None if grad is None else memory_of(grad) for grad in grads]
     buckets = [bucket for group in optimizer._buckets for bucket in group]
-    params = [p for bucket in buckets for p in bucket.params]
+    params = [memory_of(p) for bucket in buckets for p in bucket.params]
     steps = [bucket.steps for bucket in buckets]
     slices = [params[i : i + FENCE_PARAMS] for i in range(FENCE_PARAMS, len(params), FENCE_PARAMS)]
     fences = [_written(written, []) for written in slices]

@@ -21,6 +21,7 @@ import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 import torch.multiprocessing as mp
+from torch._dynamo.utils import counters
 from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 from torch.distributed.fsdp import fully_shard
 from torch.distributed.optim import ZeroRedundancyOptimizer
@@ -231,6 +232,25 @@ def test_fsdp2_steps_local_shards_with_the_compiled_kernels(one_process_group):
     shards = [p.to_local().data_ptr() for p in model.parameters()]
     _train(model, optimizer, range(STEPS), _full_batch)
     assert [p.to_local().data_ptr() for p in model.parameters()] == shards, "a shard was taken from FSDP"
+    torch.testing.assert_close(_flat(model), _flat(_one_process(range(STEPS))), rtol=1e-5, atol=1e-6)
+
+
+def test_fsdp2_step_inside_a_users_fullgraph_compile(one_process_group):
+    """``torch.compile(opt.step, fullgraph=True)`` over FSDP2's params: the step op receives the
+    local shards of params and grads (DTensor has no rule for it), compiles once, leaves the
+    shards where FSDP keeps them and gives one process's numbers."""
+    model, optimizer = _sharded()
+    step = torch.compile(optimizer.step, fullgraph=True)
+    shards = [p.to_local().data_ptr() for p in model.parameters()]
+    for index in range(STEPS):
+        x, y = _full_batch(index)
+        optimizer.zero_grad()
+        torch.nn.functional.mse_loss(model(x), y).backward()
+        step()
+        if index == 0:
+            graphs_after_first_call = counters["stats"]["unique_graphs"]
+    assert counters["stats"]["unique_graphs"] == graphs_after_first_call
+    assert [p.to_local().data_ptr() for p in model.parameters()] == shards
     torch.testing.assert_close(_flat(model), _flat(_one_process(range(STEPS))), rtol=1e-5, atol=1e-6)
 
 
