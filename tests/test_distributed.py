@@ -192,6 +192,15 @@ def _train_under_fsdp2(rank: int, folder: str) -> dict:
                                                                 getattr(value, "device_mesh", None))
                                                           for key, value in optimizer.state[p].items()})
                           for p in model.parameters()]
+    # The step inside a user's compile: its op gets each rank's local shards.
+    model, optimizer = _sharded(**EAGER)
+    compiled_step = torch.compile(optimizer.step, fullgraph=True)
+    for step in range(STEPS):
+        x, y = data(step)
+        optimizer.zero_grad()
+        torch.nn.functional.mse_loss(model(x), y).backward()
+        compiled_step()
+    finals["ours, in a user's compile"] = _flat(model)
     # A sharded checkpoint, written halfway by both ranks, then resumed by both.
     model, optimizer = _sharded(**EAGER)
     _train(model, optimizer, range(STEPS // 2), data)
@@ -204,9 +213,12 @@ def _train_under_fsdp2(rank: int, folder: str) -> dict:
 
 
 def test_fsdp2_trains_as_torch_keeps_sharded_state_and_resumes_from_a_sharded_checkpoint(tmp_path):
+    """Two ranks: ours equals torch's AdamW, stepped eagerly and inside a user's compile; the state
+    is sharded as the params; a sharded checkpoint resumes bit-identically and reshards."""
     rank0, rank1 = _spawn(_train_under_fsdp2, tmp_path, str(tmp_path / "checkpoint"))
     for rank in (rank0, rank1):
         torch.testing.assert_close(rank["ours"], rank["torch"], rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(rank["ours, in a user's compile"], rank["torch"], rtol=1e-5, atol=1e-6)
         assert torch.equal(rank["resumed"], rank["ours"]), "the resumed run differs from the uninterrupted one"
         assert rank["lr"] == 1e-2 and type(rank["lr"]) is float
         for param_placements, mesh, state in rank["placements"]:
