@@ -38,8 +38,10 @@ that hook, not the kernels, was most of its time (one 1,024-element param: 0.093
 against torch fused's 0.031 ms). So after a kernel's first call each call checks Dynamo's own
 guards for it (``guard_manager.check``, the check Dynamo's hook runs, 1.5 us) and runs the code
 Dynamo compiled for the frame, as the hook would; a call whose guards fail goes through
-``torch.compile`` as before, and compiles, which the recompile tests count. The compiled code is
-the kernel's: :func:`reset` forgets it together with Dynamo's caches.
+``torch.compile`` as before, and compiles, which the recompile tests count. So does every call
+while a stance other than the default is set (``torch.compiler.set_stance("force_eager")`` runs
+the kernel eagerly, as the user asked). The compiled code is the kernel's: :func:`reset` forgets
+it together with Dynamo's caches.
 """
 
 from __future__ import annotations
@@ -50,6 +52,7 @@ from typing import Any, Callable
 
 import torch
 from torch import Tensor
+from torch._dynamo import eval_frame as _eval_frame
 from torch._dynamo.eval_frame import _debug_get_cache_entry_list
 
 from .functional import step_flat
@@ -162,13 +165,19 @@ class _Kernel:
         tensors = tuple(map(without_base, tensors))
         options = {**self._static, **options} if options else self._static
         frame_locals = dict(zip(self._names, tensors), **options)
-        for guards, transformed in self._entries:
+        for guards, transformed in self._entries if _in_default_stance() else ():
             if guards.check(frame_locals):
                 return transformed(*tensors, **options)
         result = self.compiled(*tensors, **options)
         self._entries = [(entry.guard_manager, types.FunctionType(entry.code, self._globals))
                          for entry in _debug_get_cache_entry_list(self._code)]
         return result
+
+
+def _in_default_stance() -> bool:
+    """Whether ``torch.compiler.set_stance`` is at its default (read where Dynamo keeps it)."""
+    stance = getattr(_eval_frame, "_stance", None)
+    return stance is None or stance.stance == "default"
 
 
 def reset() -> None:

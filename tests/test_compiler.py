@@ -65,7 +65,8 @@ def test_partial_grads_and_new_step_counts_do_not_recompile():
 
 def test_after_its_first_call_a_kernel_runs_past_dynamos_frame_hook():
     """Note [calls past Dynamo's frame hook]: later steps run the code Dynamo compiled, after its
-    guards pass, without calling the ``torch.compile``'d function; the numbers stay torch's."""
+    guards pass, without calling the ``torch.compile``'d function -- unless the user set another
+    stance; the numbers stay torch's."""
     model, twin = model_and_twin()
     optimizer, reference = ours(model), torch.optim.AdamW(twin.parameters(), lr=1e-2)
     train(model, optimizer, range(1))
@@ -76,10 +77,13 @@ def test_after_its_first_call_a_kernel_runs_past_dynamos_frame_hook():
     kernel.compiled = lambda *args, **kwargs: through_torch_compile.append(args) or original(*args, **kwargs)
     try:
         train(model, optimizer, range(1, 6))
+        assert through_torch_compile == []
+        with torch.compiler.set_stance("force_eager"):  # a stance is the user's word: it is kept
+            train(model, optimizer, range(6, 7))
+        assert len(through_torch_compile) == 1
     finally:
         kernel.compiled = original
-    train(twin, reference, range(1, 6))
-    assert through_torch_compile == []
+    train(twin, reference, range(1, 7))
     assert_models_close(model, twin)
 
 
