@@ -15,9 +15,10 @@ is, for every path (our own layout, someone else's buckets, autograd's fresh gra
   ``Parameter``, shape and strides; ``torch.save`` of part of a model writes that part's bytes;
   ``model.load_state_dict`` copies in place. Our kernels write through aliases, which autograd
   does not see, so a step bumps the version counters of the params it stepped and of the state
-  buffers itself, as torch's in-place step does (``_count_writes``). A param that is not dense (a strided slice) is left
-  where it is, and so is a sharded param (a ``DTensor``, FSDP2's): its local shard is FSDP's
-  memory, which FSDP all-gathers from, so re-pointing it would make FSDP gather stale values.
+  buffers itself, as torch's in-place step does (``_count_writes``). A param that is not dense
+  (a strided slice) is left where it is, and so is a sharded param (a ``DTensor``, FSDP2's): its
+  local shard is FSDP's memory, which FSDP all-gathers from, so re-pointing it would make FSDP
+  gather stale values.
 * **A sharded param is stepped as its local shard** (:func:`memory_of`). The update is
   elementwise, so each rank steps its shard with the same kernels; the state's buffers are the
   shards' (flat, ours) and ``optimizer.state[p]`` holds them as DTensors with the param's mesh and

@@ -157,7 +157,8 @@ class _Kernel:
     def __init__(self, fn: Callable[..., Any], name: str, *, dynamic: bool, **static: Any):
         function = _own_code_copy(fn, name)
         self.compiled = torch.compile(function, fullgraph=True, dynamic=dynamic)
-        self._code, self._globals, self._static = function.__code__, function.__globals__, static
+        self._code, self._globals = function.__code__, function.__globals__
+        self._static = {**(function.__kwdefaults__ or {}), **static}  # Dynamo's guards see every argument
         self._names = self._code.co_varnames[: self._code.co_argcount]
         self._entries: list[tuple[Any, Callable[..., Any]]] = []
 

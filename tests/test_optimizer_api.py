@@ -80,8 +80,8 @@ def test_a_step_bumps_the_params_versions_so_a_stale_backward_fails_as_with_torc
     if where == "re-pointed":
         model[0].weight.data = model[0].weight.data.t().contiguous().t()  # away from home, another layout
     optimizer = ours(model, compile=where != "eager-kernels")
-    for m, step in ((model, torch.compile(optimizer.step, fullgraph=True) if where == "users-compile" else optimizer.step),
-                    (twin, torch.optim.AdamW(twin.parameters(), lr=1e-2).step)):
+    ours_step = torch.compile(optimizer.step, fullgraph=True) if where == "users-compile" else optimizer.step
+    for m, step in ((model, ours_step), (twin, torch.optim.AdamW(twin.parameters(), lr=1e-2).step)):
         x, y = batch(0)
         torch.nn.functional.mse_loss(m(x), y).backward()
         stale = (m[0].weight ** 2).sum() + (m[2].bias ** 2).sum()  # saves both params
