@@ -128,7 +128,9 @@ def test_reset_forgets_the_kernels_compiled_code():
 
 def test_each_step_is_one_kernel_with_its_scalars_outside_the_loop():
     """One C++ kernel per call, whatever the param count; the scalars (``beta ** step``...) are
-    computed before its elementwise loop, not in it (Note [scalars once per call])."""
+    computed before its elementwise loop, not in it (Note [scalars once per call]); and the loop
+    is parallel although the kernel was first compiled for a short window (Note [parallel at any
+    length])."""
     params = [torch.zeros(n) for n in (3, 100, 17, 1)]
     update = kernels._compiled_update.__wrapped__("cpu", torch.float32, True, False, False, False)
     hyperparameters = torch.tensor([1e-3, 0.9, 0.999, 1e-8, 0.01, 0.0, 1.0, 0.0], dtype=torch.float64)
@@ -141,6 +143,8 @@ def test_each_step_is_one_kernel_with_its_scalars_outside_the_loop():
     scalars, loop = kernel.split("<static_cast<int64_t>(ks0)", 1)  # the loop over the symbolic length
     assert "std::pow" in scalars
     assert "pow" not in loop, "the scalar math was inlined into the elementwise loop"
+    if torch.get_num_threads() > 1:  # compiled for 121 elements, the loop still runs on every thread
+        assert "#pragma omp parallel" in kernel, "the elementwise loop is serial"
 
 
 def test_step_inside_a_users_fullgraph_compile_with_a_scheduler_attached():
