@@ -75,8 +75,14 @@ def test_after_its_first_call_a_kernel_runs_past_dynamos_frame_hook():
     through_torch_compile = []
     original = kernel.compiled
     kernel.compiled = lambda *args, **kwargs: through_torch_compile.append(args) or original(*args, **kwargs)
+    compiled_step = torch.compile(optimizer.step, fullgraph=True)
     try:
-        train(model, optimizer, range(1, 6))
+        train(model, optimizer, range(1, 4))
+        for step in range(4, 6):  # the op's body, run by a user's compiled graph, goes past it too
+            x, y = batch(step)
+            optimizer.zero_grad()
+            torch.nn.functional.mse_loss(model(x), y).backward()
+            compiled_step()
         assert through_torch_compile == []
         with torch.compiler.set_stance("force_eager"):  # a stance is the user's word: it is kept
             train(model, optimizer, range(6, 7))
