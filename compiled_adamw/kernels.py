@@ -56,7 +56,6 @@ from typing import Any, Callable
 import torch
 from torch import Tensor
 from torch._dynamo import eval_frame as _eval_frame
-from torch._dynamo.eval_frame import _debug_get_cache_entry_list
 
 from .functional import step_flat
 from .update import Coefficients, adamw_coefficients, adamw_elementwise, compute_dtype
@@ -188,9 +187,20 @@ class _Kernel:
             if guards.check(frame_locals):
                 return transformed(*tensors, **options)
         result = self.compiled(*tensors, **options)
-        self._entries = [(entry.guard_manager, types.FunctionType(entry.code, self._globals))
-                         for entry in _debug_get_cache_entry_list(self._code)]
+        self._entries = _compiled_frames(self._code, self._globals)
         return result
+
+
+def _compiled_frames(code: types.CodeType, globals_: dict) -> list[tuple[Any, Callable[..., Any]]]:
+    """Dynamo's cache entries for ``code``: each one's guards and its compiled code as a function.
+    Empty where Dynamo keeps them otherwise (these are its internals): then every call goes
+    through ``torch.compile``, as before Note [calls past Dynamo's frame hook]."""
+    try:
+        entries = [(entry.guard_manager, entry.code) for entry in _eval_frame._debug_get_cache_entry_list(code)]
+    except AttributeError:
+        return []
+    return [(guards, types.FunctionType(compiled, globals_)) for guards, compiled in entries
+            if callable(getattr(guards, "check", None))]
 
 
 def _in_default_stance() -> bool:

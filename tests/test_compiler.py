@@ -119,6 +119,25 @@ def test_a_call_whose_guards_fail_compiles_through_torch_compile_and_is_right():
     assert _cache_entries(kernel) == 2
 
 
+def test_without_dynamos_cache_entries_every_call_goes_through_torch_compile(monkeypatch):
+    """Dynamo's cache entries are its internals: where they cannot be read, every kernel call
+    goes through ``torch.compile``, with the same numbers."""
+    monkeypatch.delattr(kernels._eval_frame, "_debug_get_cache_entry_list")
+    kernel = kernels._compiled_update.__wrapped__("cpu", torch.float32, False, False, False, False)
+    through_torch_compile = []
+    original = kernel.compiled
+    kernel.compiled = lambda *args, **kwargs: through_torch_compile.append(args) or original(*args, **kwargs)
+    hyperparameters = torch.tensor([1e-2, 0.9, 0.999, 1e-8, 0.01, 0.0, 1.0, 0.0], dtype=torch.float64)
+    ours_, eager = ([torch.randn(40, generator=torch.Generator().manual_seed(0)) for _ in range(2)]
+                    + [torch.zeros(40), torch.zeros(40)] for _ in range(2))
+    for step in (1.0, 2.0, 3.0):
+        kernel(*ours_, None, torch.tensor(step), hyperparameters)
+        kernels.apply_update_(*eager, None, torch.tensor(step), hyperparameters, amsgrad=False, maximize=False,
+                              scaled=False)
+    assert len(through_torch_compile) == 3
+    torch.testing.assert_close(ours_, eager)
+
+
 def test_reset_forgets_the_kernels_compiled_code():
     """``kernels.reset()`` is ``torch._dynamo.reset()`` for our kernels too: the next step compiles."""
     model, twin = model_and_twin()
