@@ -15,11 +15,11 @@ Inductor computes it once, before the elementwise loop, in the same C++ function
 reads it (``test_each_step_is_one_kernel_with_its_scalars_outside_the_loop``). It is packed by an
 elementwise select, not ``torch.stack``: Inductor builds a stack's output from a view per input,
 which its Python wrapper re-creates at every call (10 ``reinterpret_tensor``s: a call of the
-1,024-element kernel took 18.7 us stacked and 14.4 us selected, with bit-identical results). The group's
-hyperparameters reach the kernel as one 1-D tensor: every tensor argument of a compiled function
-costs a guard check on each call, and that per-call overhead, not the kernel, is what limits a step
-over many small tensors. (The scalars used to be a compiled function of their own: a second call
-per step, 13 us of overhead, Note [calls past Dynamo's frame hook].)
+1,024-element kernel took 18.7 us stacked and 14.4 us selected, with bit-identical results). The
+group's hyperparameters reach the kernel as one 1-D tensor: every tensor argument of a compiled
+function costs a guard check on each call, and that per-call overhead, not the kernel, is what
+limits a step over many small tensors. (The scalars used to be a compiled function of their own:
+a second call per step, Note [calls past Dynamo's frame hook].)
 
 Note [inputs without a view base]: the kernels get windows of the flat buffers. Dynamo guards on
 how an input view relates to its ``_base`` (a window that was the whole buffer when compiled gets
@@ -45,6 +45,14 @@ Dynamo compiled for the frame, as the hook would; a call whose guards fail goes 
 while a stance other than the default is set (``torch.compiler.set_stance("force_eager")`` runs
 the kernel eagerly, as the user asked). The compiled code is the kernel's: :func:`reset` forgets
 it together with Dynamo's caches.
+
+Note [parallel at any length]: Inductor's C++ backend makes a loop parallel only if the length it
+sees at compile time, the first call's, is at least 512 elements per thread
+(``cpp.min_chunk_size``); a kernel first called on a short window stays serial at every later
+length, and Inductor's cache serves it to later processes too. Measured on this 2-core CPU: a
+process that stepped a 100-element param first made the 16M step 8.2 ms where the parallel kernel
+takes 7.3 (torch fused: 7.2). So our kernels' loops are always parallel; on a short window the
+threads cost about 1.5 us (17.4 against 15.9 us for 1,024 elements).
 """
 
 from __future__ import annotations
@@ -155,14 +163,7 @@ def without_base(tensor: Tensor | None) -> Tensor | None:
     return alias.set_(tensor.untyped_storage(), tensor.storage_offset(), tensor.shape, tensor.stride())
 
 
-# Note [parallel at any length]: Inductor's C++ backend makes a loop parallel only if the length
-# it sees at compile time, the first call's, is at least 512 elements per thread
-# (``cpp.min_chunk_size``); a kernel first called on a short window stays serial at every later
-# length, and Inductor's cache serves it to later processes too. Measured on this 2-core CPU: a
-# process that stepped a 100-element param first made the 16M step 8.2 ms where the parallel
-# kernel takes 7.3 (torch fused: 7.2). So our kernels' loops are always parallel; on a short
-# window the threads cost about 1.5 us (17.4 against 15.9 us for 1,024 elements).
-_PARALLEL_AT_ANY_LENGTH = {"cpp.min_chunk_size": 1}
+_PARALLEL_AT_ANY_LENGTH = {"cpp.min_chunk_size": 1}  # Note [parallel at any length]
 
 
 class _Kernel:
@@ -173,7 +174,8 @@ class _Kernel:
 
     def __init__(self, fn: Callable[..., Any], name: str, *, dynamic: bool, **static: Any):
         function = _own_code_copy(fn, name)
-        self.compiled = torch.compile(function, fullgraph=True, dynamic=dynamic, options=_PARALLEL_AT_ANY_LENGTH)
+        self.compiled = torch.compile(function, fullgraph=True, dynamic=dynamic,
+                                      options=_PARALLEL_AT_ANY_LENGTH)
         self._code, self._globals = function.__code__, function.__globals__
         self._static = {**(function.__kwdefaults__ or {}), **static}  # Dynamo's guards see every argument
         self._names = self._code.co_varnames[: self._code.co_argcount]
@@ -196,7 +198,8 @@ def _compiled_frames(code: types.CodeType, globals_: dict) -> list[tuple[Any, Ca
     Empty where Dynamo keeps them otherwise (these are its internals): then every call goes
     through ``torch.compile``, as before Note [calls past Dynamo's frame hook]."""
     try:
-        entries = [(entry.guard_manager, entry.code) for entry in _eval_frame._debug_get_cache_entry_list(code)]
+        entries = [(entry.guard_manager, entry.code)
+                   for entry in _eval_frame._debug_get_cache_entry_list(code)]
     except AttributeError:
         return []
     return [(guards, types.FunctionType(compiled, globals_)) for guards, compiled in entries
