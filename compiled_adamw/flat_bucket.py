@@ -25,9 +25,10 @@ is, for every path (our own layout, someone else's buckets, autograd's fresh gra
   placements, which is what ``torch.distributed.checkpoint`` saves and reshards.
 * **A param re-pointed by someone else is stepped where it now lives**, never taken back: ZeRO's
   bucket views, ``load_state_dict(assign=True)``, ``p.data = p.data.contiguous()``. A step
-  notices a move by comparing each param with a detached alias of where it was last seen
-  (``Tensor.is_set_to``: storage, offset, shape and strides, one C call per param); only then
-  does it look closer (``_find_away``) and remember the new places. A small one
+  notices a move by comparing each param's data pointer, shape and strides with what the last
+  step found, in one C call for all of them (Note [a step that looks once] in
+  ``metadata_check.py``); only then does it look closer (``_find_away``) and remember the new
+  places. A small one
   is stepped in its chunk's kernel call, staged through its home segment (which nobody else
   uses while it is away): one ``_foreach_copy_`` in per chunk, one back. A large one gets its own
   call: if its strides match its state's, the kernel reads and writes its memory directly;
@@ -65,13 +66,13 @@ writing to ``state[p]["step"]`` by hand is not supported.
 from __future__ import annotations
 
 import itertools
-import operator
 from typing import Callable, Iterable, Iterator, Mapping, MutableMapping, NamedTuple
 
 import torch
 from torch import Tensor
 
 from .kernels import without_base
+from .metadata_check import unchanged_check
 
 __all__ = ["ALIGNMENT", "CHUNK_ELEMENTS", "DIRECT_ELEMENTS", "STATE_KEYS", "FlatBucket", "StepPlan",
            "bucket_key", "check_grad", "group_into_buckets", "is_sharded", "memory_of"]
@@ -85,7 +86,6 @@ _DTensor = None
 if torch.distributed.is_available():
     from torch.distributed.tensor import DTensor as _DTensor
 
-_shape, _dtype, _device, _layout = map(operator.attrgetter, ("shape", "dtype", "device", "layout"))
 
 
 def is_sharded(tensor: Tensor | None) -> bool:
@@ -220,8 +220,8 @@ class FlatBucket:
                     self._bring_home(i)
                 else:  # stepped where it is: its segment is only ever padding
                     self.flat_param[self.starts[i] : self.ends[i]].zero_()
-        never_home = frozenset(i for i, ptr in enumerate(self.home_ptrs) if ptr is None)
-        self._remember(list(map(memory_of, self.params)), never_home, frozenset())
+        self._last_present: list[bool] | None = None  # the first plan looks closer
+        self._away, self._tangled = frozenset(), frozenset()
 
     def _zeros(self, length: int) -> Tensor:
         return _static(torch.zeros(length, dtype=self.real_dtype, device=self.device))
@@ -336,30 +336,35 @@ class FlatBucket:
             memories = list(map(memory_of, memories))
             grads = [None if g is None else memory_of(g) for g in grads]
         present = [g is not None for g in grads]
-        away, tangled, changed = self._away, self._tangled, False
-        if not self._where_last_seen(memories):
+        given = list(itertools.compress(grads, present))
+        if self._as_last_seen(memories, present, given):
+            away, tangled, changed = self._away, self._tangled, False
+        else:
             away, tangled, changed = self._find_away(memories, where)
-            if not changed:
-                self._remember(memories, away, tangled)
-        if changed or not self._grads_fit(grads, present):
             for i, (memory, grad) in enumerate(zip(memories, grads)):
                 if grad is not None:
                     check_grad(where(self.positions[i]), grad, memory.device, memory.dtype, memory.shape)
+            if not changed:
+                self._remember(memories, present, given, away, tangled)
         return StepPlan(self._runs(present), present, grads, memories, away, tangled, changed)
 
-    def _where_last_seen(self, memories: list[Tensor]) -> bool:
-        """Whether every param is where the last plan saw it, at C speed (Note [where memory
-        lives]); False on a device without ``is_set_to`` (meta): then every step looks closer."""
-        try:
-            return all(map(Tensor.is_set_to, memories, self._last_seen))
-        except NotImplementedError:
-            return False
+    def _as_last_seen(self, memories: list[Tensor], present: list[bool], given: list[Tensor]) -> bool:
+        """Whether params and grads are as the last plan that looked closer found them (Note [a
+        step that looks once] in ``metadata_check.py``): the same params have a grad, every
+        param is where it was with its shape and strides, every grad still fits."""
+        return (present == self._last_present and list(map(Tensor.data_ptr, memories)) == self._last_pointers
+                and self._last_metadata(*memories, *given))
 
-    def _remember(self, memories: list[Tensor], away: frozenset[int], tangled: frozenset[int]) -> None:
-        """Where each param's memory is now (storage, offset, shape, strides, kept by a detached
-        alias: the param itself may be re-pointed later) and what that means for the step."""
-        self._last_seen = [memory.detach() for memory in memories]
+    def _remember(self, memories: list[Tensor], present: list[bool], given: list[Tensor],
+                  away: frozenset[int], tangled: frozenset[int]) -> None:
+        """What the step found, all checked: where each param is, which have grads, and what that
+        means for the step. On the meta device every pointer is 0, so every step looks closer."""
         self._away, self._tangled = away, tangled
+        if self.device.type == "meta":
+            return
+        self._last_present, self._last_pointers = present, list(map(Tensor.data_ptr, memories))
+        self._last_metadata = unchanged_check([*memories, *given],
+                                              strides_matter=[True] * len(memories) + [False] * len(given))
 
     def _find_away(self, memories: list[Tensor],
                    where: Callable[[int], str]) -> tuple[frozenset[int], frozenset[int], bool]:
@@ -380,16 +385,6 @@ class FlatBucket:
                 if flat[0] <= memory.data_ptr() < flat[1]:
                     tangled.add(i)
         return frozenset(away), frozenset(tangled), changed
-
-    def _grads_fit(self, grads: list[Tensor | None], present: list[bool]) -> bool:
-        """Whether every grad is dense with its param's shape, dtype and device, at C speed."""
-        try:
-            given = list(itertools.compress(grads, present))
-            return (list(map(_shape, given)) == list(itertools.compress(self.shapes, present))
-                    and set(map(_dtype, given)) <= {self.dtype} and set(map(_device, given)) <= {self.device}
-                    and set(map(_layout, given)) <= {torch.strided})
-        except (RuntimeError, AttributeError):
-            return False
 
     def _runs(self, present: list[bool]) -> list[tuple[int, int]]:
         """Maximal runs of params that have a grad and share a cohort (Note [step cohorts])."""
