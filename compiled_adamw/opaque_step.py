@@ -17,6 +17,13 @@ graph is every call's. The op is called under ``no_grad``: params that require g
 as in the eager step, and AOTAutograd then skips their autograd bookkeeping (1,000 tensors:
 20.1 s to compile the first call against 22.5 s without).
 
+The op is defined with ``torch.library.Library`` rather than ``torch.library.custom_op``: at
+every call, custom_op's Python wrapper bumps the version of each written tensor one by one and
+checks the outputs for aliases of the inputs, a cost per param (measured, 1,000 params of 1,024
+elements, ``torch.compile(opt.step, fullgraph=True)``: 5.6 ms a call through custom_op, 3.2-3.4
+ms through the library's op, our eager step 1.0-1.2 ms). The body bumps the versions of what it
+wrote itself, as the eager step does (``FlatBucket._count_writes``).
+
 The state buffers are the body's own business, not the graph's: code in the same compiled
 function that reads ``optimizer.state`` sees the values of the step before.
 """
@@ -64,27 +71,27 @@ def register(optimizer: AdamW) -> int:
 FENCE_PARAMS = 256
 
 
-@torch.library.custom_op("compiled_adamw::step", mutates_args=("params", "steps"))
+_library = torch.library.Library("compiled_adamw", "DEF")
+_library.define("step(int handle, Tensor?[] grads, Tensor(a!)[] params, Tensor(b!)[] steps, "
+                "Tensor[] hyperparameters, Tensor[] fences, bool scaled, bool skippable) -> ()")
+_library.define("written(Tensor(a!)[] params, Tensor[] after) -> Tensor")
+
+
 def _step(handle: int, grads: list[Optional[Tensor]], params: list[Tensor], steps: list[Tensor],
           hyperparameters: list[Tensor], fences: list[Tensor], scaled: bool, skippable: bool) -> None:
     with torch._C._ForceDispatchKeyGuard(*_EAGER_DISPATCH_KEYS):
         _optimizers[handle]._step_buckets(grads, hyperparameters, scaled, skippable)
 
 
-@_step.register_fake
-def _(handle, grads, params, steps, hyperparameters, fences, scaled, skippable) -> None:
-    return None
-
-
-@torch.library.custom_op("compiled_adamw::written", mutates_args=("params",))
 def _written(params: list[Tensor], after: list[Tensor]) -> Tensor:
     """Declares ``params`` written (Note [fences for many params]); returns a token."""
     return torch.empty(0)
 
 
-@_written.register_fake
-def _(params, after) -> Tensor:
-    return torch.empty(0)
+_library.impl("step", _step, "CompositeExplicitAutograd")
+_library.impl("written", _written, "CompositeExplicitAutograd")
+torch.library.register_fake("compiled_adamw::step", lambda *args: None, lib=_library)
+torch.library.register_fake("compiled_adamw::written", lambda params, after: torch.empty(0), lib=_library)
 
 
 def step_opaquely(optimizer: AdamW, grads: list[Tensor | None], hyperparameters: list[Tensor],
@@ -98,7 +105,7 @@ def step_opaquely(optimizer: AdamW, grads: list[Tensor | None], hyperparameters:
     params = [memory_of(p) for bucket in buckets for p in bucket.params]
     steps = [bucket.steps for bucket in buckets]
     slices = [params[i : i + FENCE_PARAMS] for i in range(FENCE_PARAMS, len(params), FENCE_PARAMS)]
-    fences = [_written(written, []) for written in slices]
-    _step(optimizer._handle, grads, params[:FENCE_PARAMS], steps, hyperparameters, fences, scaled, skippable)
+    fences = [torch.ops.compiled_adamw.written(written, []) for written in slices]
+    torch.ops.compiled_adamw.step(optimizer._handle, grads, params[:FENCE_PARAMS], steps, hyperparameters, fences, scaled, skippable)
     for written in slices:
-        _written(written, steps)
+        torch.ops.compiled_adamw.written(written, steps)

@@ -230,6 +230,41 @@ def test_a_users_trace_has_the_same_operations_for_10_and_for_200_params():
     assert sum("compiled_adamw.step" in op for op in operations[0]) == 1
 
 
+_COMPILER_RUNTIME = ("torch/_dynamo/", "torch/_functorch/", "torch/_inductor/", "torch/_compile.py", "torch/compiler/",
+                     "<string>", "/torchinductor")
+
+
+def _python_calls_in_a_step(n_params: int, users_compile: bool) -> int:
+    """Python function calls (not C calls) made by one steady step over ``n_params`` params,
+    leaving out the compiler's runtime (Dynamo's guards and the wrappers of a compiled graph:
+    which cache entry serves the user's frame depends on the optimizers compiled before in this
+    process)."""
+    params = [torch.nn.Parameter(torch.randn(8)) for _ in range(n_params)]
+    optimizer = AdamW(params, lr=1e-2)
+    step = torch.compile(optimizer.step, fullgraph=True) if users_compile else optimizer.step
+    calls = []
+    for _ in range(3):
+        for p in params:
+            p.grad = torch.randn(8)
+        calls.clear()
+        sys.setprofile(lambda frame, event, arg: calls.append(1) if event == "call" and not any(
+            part in frame.f_code.co_filename for part in _COMPILER_RUNTIME) else None)
+        try:
+            step()
+        finally:
+            sys.setprofile(None)
+    return len(calls)
+
+
+@pytest.mark.parametrize("users_compile", [False, True], ids=["eager", "users-compile"])
+def test_a_steady_step_runs_no_python_per_param(users_compile):
+    """Per-param work is C calls (foreach copies, one metadata check, version bumps): Python per
+    param is what made 1,000 small params slow (Note [a step that looks once]) and, inside a
+    user's compile, torch.library.custom_op's per-tensor wrapper (Note [one opaque step in a
+    user's trace])."""
+    assert _python_calls_in_a_step(10, users_compile) == _python_calls_in_a_step(200, users_compile)
+
+
 @pytest.mark.parametrize("fence_params", [opaque_step.FENCE_PARAMS, 1], ids=["one-op", "fenced"])
 def test_the_same_compiled_function_sees_the_stepped_params_and_the_grads_it_changed(fence_params, monkeypatch):
     """The op declares the params it writes and takes the grads the graph computed: torch's
