@@ -119,6 +119,28 @@ def test_a_call_whose_guards_fail_compiles_through_torch_compile_and_is_right():
     assert _cache_entries(kernel) == 2
 
 
+@pytest.mark.parametrize("inputs_as_we_build_them", ["right", "reordered"])
+def test_an_in_place_kernel_calls_inductors_graph_once_its_inputs_are_verified(inputs_as_we_build_them, monkeypatch):
+    """Note [calls into Inductor's graph]: from the call after the first, a kernel hands Inductor's
+    graph its inputs itself, once one call through Dynamo's code showed them to be exactly the
+    inputs we build; a graph whose inputs we would build otherwise ("reordered", made up here)
+    is never called so, and the numbers are the same either way."""
+    if inputs_as_we_build_them == "reordered":
+        build = kernels._InductorGraph.of
+        monkeypatch.setattr(kernels._InductorGraph, "of", staticmethod(
+            lambda *args: (lambda found: found and found._replace(inputs=found.inputs[::-1]))(build(*args))))
+    kernel = kernels._compiled_update.__wrapped__("cpu", torch.float32, False, False, False, False)
+    hyperparameters = torch.tensor([1e-2, 0.9, 0.999, 1e-8, 0.01, 0.0, 1.0, 0.0], dtype=torch.float64)
+    ours_, eager = ([torch.randn(40, generator=torch.Generator().manual_seed(0)) for _ in range(2)]
+                    + [torch.zeros(40), torch.zeros(40)] for _ in range(2))
+    for step in (1.0, 2.0, 3.0, 4.0):
+        kernel(*ours_, None, torch.tensor(step), hyperparameters)
+        kernels.apply_update_(*eager, None, torch.tensor(step), hyperparameters, amsgrad=False, maximize=False,
+                              scaled=False)
+    assert [entry.direct for entry in kernel._entries] == [inputs_as_we_build_them == "right"]
+    torch.testing.assert_close(ours_, eager)
+
+
 def test_without_dynamos_cache_entries_every_call_goes_through_torch_compile(monkeypatch):
     """Dynamo's cache entries are its internals: where they cannot be read, every kernel call
     goes through ``torch.compile``, with the same numbers."""
@@ -352,12 +374,16 @@ def test_cuda_step_has_no_host_sync():
 COLD_START = """
 import json, torch
 from torch._dynamo.utils import counters
-from compiled_adamw import AdamW
+from compiled_adamw import AdamW, kernels
 params = [torch.nn.Parameter(torch.randn(64)) for _ in range({n})]
 for p in params:
     p.grad = torch.randn(64)
-AdamW(params).step()
-print(json.dumps(dict(graphs=counters["stats"]["unique_graphs"], inductor=dict(counters["inductor"]))))
+optimizer = AdamW(params)
+for _ in range(3):
+    optimizer.step()
+kernel = kernels._compiled_update("cpu", torch.float32, False, False, False, False)
+print(json.dumps(dict(graphs=counters["stats"]["unique_graphs"], inductor=dict(counters["inductor"]),
+                      direct=[entry.direct for entry in kernel._entries])))
 """
 
 
@@ -365,12 +391,15 @@ print(json.dumps(dict(graphs=counters["stats"]["unique_graphs"], inductor=dict(c
 def test_cold_first_step_compiles_the_same_graphs_at_1000_and_10000_params(tmp_path):
     """Compile work does not grow with the param count: in a fresh process with an empty Inductor
     cache, the first step compiles the same graphs and kernels for 1,000 and for 10,000 params.
-    (Seconds depend on the machine's load: they live in the benchmark.)"""
+    (Seconds depend on the machine's load: they live in the benchmark.) The kernel is called
+    straight into Inductor's graph from the third step, also in a process whose caches are warm
+    (Note [calls into Inductor's graph]: AOTAutograd's cache would hide the graph)."""
     compiled = []
-    for n in (1_000, 10_000):
-        env = dict(os.environ, TORCHINDUCTOR_CACHE_DIR=str(tmp_path / str(n)))
+    for n, cache in ((1_000, "a"), (10_000, "b"), (1_000, "a")):
+        env = dict(os.environ, TORCHINDUCTOR_CACHE_DIR=str(tmp_path / cache))
         out = subprocess.run([sys.executable, "-c", COLD_START.format(n=n)], env=env, check=True,
                              capture_output=True, text=True).stdout
         compiled.append(json.loads(out.splitlines()[-1]))
     assert compiled[0] == compiled[1]
     assert compiled[0]["graphs"] == 1, "one kernel"
+    assert compiled[0]["direct"] == compiled[2]["direct"] == [True], (compiled[0], compiled[2])
