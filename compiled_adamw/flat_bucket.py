@@ -448,7 +448,7 @@ class FlatBucket:
         while it is away): copied in before the call and back after it."""
         grads = plan.grads
         for first, last in plan.runs:
-            self.steps[first:last].add_(step_increment)
+            (self.steps if last - first == len(self.params) else self.steps[first:last]).add_(step_increment)
             scalars = self.step_aliases[first], hyperparameters
             for call in self._calls(first, last, plan.away, plan.tangled):
                 if call.gathered is not None:

@@ -207,7 +207,9 @@ class AdamW(torch.optim.Optimizer):
         inside the step])."""
         for index, (group, settings) in enumerate(zip(self.param_groups, self._settings)):
             _check_params_unchanged(index, group, settings)
-        with torch.no_grad():
+        grad_was_enabled = torch.is_grad_enabled()
+        torch._C._set_grad_enabled(False)  # torch.no_grad(), at a fifth of its 1.1 us
+        try:
             remaining = iter(grads)
             plans = [[bucket.plan(_namer(index), list(itertools.islice(remaining, len(bucket.params))))
                       for bucket in buckets] for index, buckets in enumerate(self._buckets)]
@@ -220,6 +222,8 @@ class AdamW(torch.optim.Optimizer):
                     bucket.init_state(self.state)
                 for bucket, plan in zip(self._buckets[index], plans[index]):
                     self._step_bucket(settings, bucket, plan, hyperparameters[index], scaled, skippable)
+        finally:
+            torch._C._set_grad_enabled(grad_was_enabled)
 
     def _grad_scaling(self) -> Tensor | None:
         """``[grad_scale, found_inf]`` for this step, float64 on the device: the step divides the

@@ -83,6 +83,7 @@ def test_sparse_grad_fails_the_step_cleanly():
     with pytest.raises(RuntimeError, match=r"param_groups\[0\]\['params'\]\[3\].*sparse"):
         optimizer.step()
     assert_same(before, snapshot(optimizer))
+    assert torch.is_grad_enabled(), "the step turns grad mode off while it runs, and back on when it raises"
     model[2].bias.grad = good
     _recovers(model, optimizer, twin, reference)
 
