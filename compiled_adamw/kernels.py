@@ -81,6 +81,7 @@ threads cost about 1.5 us (17.4 against 15.9 us for 1,024 elements).
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import operator
 import re
@@ -224,7 +225,9 @@ class _Kernel:
             return built[-1]
 
         # AOTAutograd's cache would hand back a compiled function without building the graph.
-        with torch._functorch.config.patch(enable_autograd_cache=False):
+        without_aot_cache = (torch._functorch.config.patch(enable_autograd_cache=False)
+                             if hasattr(torch._functorch.config, "enable_autograd_cache") else contextlib.nullcontext())
+        with without_aot_cache:
             compiled = compile_fx(graph_module, example_inputs, inner_compile=keep, config_patches=_INDUCTOR_OPTIONS)
         self._graphs.append(_InductorGraph.of(graph_module, built))
         return compiled
