@@ -34,9 +34,9 @@ same build either way (the same generated source and the same shared library, by
 stepped in 7.5-8.2 against 7.6-7.7 ms. So our kernels compile with ``vec_isa_ok=True``. (An
 earlier measurement here found it slower, 8.3 against 7.1 ms; measured again, with one build for
 both, the difference is not there, and what made it was not found: a cache that held a serial
-build, Note [parallel at any length], is one candidate.) Inductor keeps the list of usable ISAs for the process, so
-compiles that come after our first one in the same process skip the probe too; a machine whose
-compiler cannot build for an ISA its CPU announces fails that first compile.
+build, Note [parallel at any length], is one candidate.) Inductor keeps the list of usable ISAs
+for the process, so compiles that come after our first one in the same process skip the probe
+too; a machine whose compiler cannot build for an ISA its CPU announces fails that first compile.
 
 Note [calls past Dynamo's frame hook]: a call of a ``torch.compile``'d function goes through
 Dynamo's frame hook, its guards and its wrappers before the compiled code runs: 17 us against
@@ -311,7 +311,8 @@ class _Entry:
         finally:
             graph.current_callable = run
         if result is None and len(seen) == 1 and len(seen[0]) == len(expected) and all(
-                given is ours or (not isinstance(ours, Tensor) and given == ours) for given, ours in zip(seen[0], expected)):
+                given is ours or (not isinstance(ours, Tensor) and given == ours)
+                for given, ours in zip(seen[0], expected)):
             self._direct = run
         return result
 

@@ -106,6 +106,7 @@ def step_opaquely(optimizer: AdamW, grads: list[Tensor | None], hyperparameters:
     steps = [bucket.steps for bucket in buckets]
     slices = [params[i : i + FENCE_PARAMS] for i in range(FENCE_PARAMS, len(params), FENCE_PARAMS)]
     fences = [torch.ops.compiled_adamw.written(written, []) for written in slices]
-    torch.ops.compiled_adamw.step(optimizer._handle, grads, params[:FENCE_PARAMS], steps, hyperparameters, fences, scaled, skippable)
+    torch.ops.compiled_adamw.step(optimizer._handle, grads, params[:FENCE_PARAMS], steps, hyperparameters, fences,
+                                  scaled, skippable)
     for written in slices:
         torch.ops.compiled_adamw.written(written, steps)

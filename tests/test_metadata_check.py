@@ -57,7 +57,8 @@ def test_a_steady_loop_looks_closer_only_at_its_first_step(monkeypatch):
 def test_without_dynamos_tensor_guards_every_step_looks_closer_and_steps_as_torch(monkeypatch):
     monkeypatch.setattr(metadata_check, "TensorGuards", None)
     model, twin = model_and_twin()
-    optimizer, reference = AdamW(model.parameters(), lr=1e-2, compile=False), torch.optim.AdamW(twin.parameters(), lr=1e-2)
+    optimizer = AdamW(model.parameters(), lr=1e-2, compile=False)
+    reference = torch.optim.AdamW(twin.parameters(), lr=1e-2)
     assert _steps_looking_closer(monkeypatch, optimizer, model, range(4)) == 4
     train(twin, reference, range(4))
     torch.testing.assert_close(list(model.parameters()), list(twin.parameters()))
