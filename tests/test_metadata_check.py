@@ -3,6 +3,8 @@ that looks once] in ``compiled_adamw/metadata_check.py``)."""
 
 from __future__ import annotations
 
+import weakref
+
 import pytest
 import torch
 
@@ -62,3 +64,14 @@ def test_without_dynamos_tensor_guards_every_step_looks_closer_and_steps_as_torc
     assert _steps_looking_closer(monkeypatch, optimizer, model, range(4)) == 4
     train(twin, reference, range(4))
     torch.testing.assert_close(list(model.parameters()), list(twin.parameters()))
+
+
+def test_what_a_step_remembers_keeps_no_grad_alive():
+    """The check holds metadata, not tensors: a grad set to None by ``zero_grad`` is freed (a
+    remembered grad would be a param-sized buffer the optimizer holds)."""
+    model, _ = model_and_twin()
+    optimizer = AdamW(model.parameters(), lr=1e-2, compile=False)
+    train(model, optimizer, range(1))  # a first step looks closer, and remembers what it found
+    grads = [weakref.ref(p.grad) for p in model.parameters()]
+    optimizer.zero_grad()
+    assert all(grad() is None for grad in grads)
