@@ -124,19 +124,23 @@ def test_an_in_place_kernel_calls_inductors_graph_once_its_inputs_are_verified(i
     """Note [calls into Inductor's graph]: from the call after the first, a kernel hands Inductor's
     graph its inputs itself, once one call through Dynamo's code showed them to be exactly the
     inputs we build; a graph whose inputs we would build otherwise ("reordered", made up here)
-    is never called so, and the numbers are the same either way."""
+    is never called so, and the numbers are the same either way. The grad here is a view with a
+    base, as a large param's grad is: it compiles once (Note [inputs without a view base])."""
     if inputs_as_we_build_them == "reordered":
         build = kernels._InductorGraph.of
         monkeypatch.setattr(kernels._InductorGraph, "of", staticmethod(
             lambda *args: (lambda found: found and found._replace(inputs=found.inputs[::-1]))(build(*args))))
     kernel = kernels._compiled_update.__wrapped__("cpu", torch.float32, False, False, False, False)
     hyperparameters = torch.tensor([1e-2, 0.9, 0.999, 1e-8, 0.01, 0.0, 1.0, 0.0], dtype=torch.float64)
-    ours_, eager = ([torch.randn(40, generator=torch.Generator().manual_seed(0)) for _ in range(2)]
-                    + [torch.zeros(40), torch.zeros(40)] for _ in range(2))
+    ours_, eager = ([torch.randn(40, generator=torch.Generator().manual_seed(0)),
+                     torch.randn(5, 8, generator=torch.Generator().manual_seed(1)).view(-1),
+                     torch.zeros(40), torch.zeros(40)] for _ in range(2))
+    assert ours_[1]._base is not None
     for step in (1.0, 2.0, 3.0, 4.0):
         kernel(*ours_, None, torch.tensor(step), hyperparameters)
         kernels.apply_update_(*eager, None, torch.tensor(step), hyperparameters, amsgrad=False, maximize=False,
                               scaled=False)
+    assert _cache_entries(kernel) == 1
     assert [entry.direct for entry in kernel._entries] == [inputs_as_we_build_them == "right"]
     torch.testing.assert_close(ours_, eager)
 
