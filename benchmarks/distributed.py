@@ -23,6 +23,8 @@ from torch.nn.parallel import DistributedDataParallel
 
 from compiled_adamw import AdamW
 
+from .measure import in_turn
+
 CONTENDERS = {
     "ours": lambda params: AdamW(params, lr=1e-3),
     "torch-foreach": lambda params: torch.optim.AdamW(params, lr=1e-3, foreach=True),
@@ -65,9 +67,9 @@ def _worker(rank: int, store: str, wrapper: str, width: int, layers: int, repeti
             for _ in range(3):  # compiles ours
                 iteration(model, optimizer)
         seconds = {name: [] for name in runs}
-        for _ in range(repetitions):
-            for name, (model, optimizer) in runs.items():
-                seconds[name].append(iteration(model, optimizer))
+        for repetition in range(repetitions):
+            for name in in_turn(list(runs), repetition):  # the same order on every rank
+                seconds[name].append(iteration(*runs[name]))
         rows = {name: {"iteration_ms": 1e3 * statistics.median(s[0] for s in values),
                        "step_ms": 1e3 * statistics.median(s[1] for s in values)}
                 for name, values in seconds.items()}

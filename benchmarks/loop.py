@@ -24,6 +24,7 @@ import torch
 
 from compiled_adamw import AdamW
 
+from .measure import in_turn
 from .workloads import Workload, standard_workloads
 
 CONTENDERS: dict[str, Callable[[list[torch.Tensor], Workload], torch.optim.Optimizer]] = {
@@ -75,14 +76,8 @@ def interleaved(workload: Workload, repetitions: int, clip: float | None = None)
         for _ in range(3):
             loop.iteration()
     seconds: dict[str, list[tuple[float, float]]] = {name: [] for name in loops}
-    names = list(loops)
     for repetition in range(repetitions):
-        # Each contender follows each other equally often: what ran just before (torch's foreach
-        # step frees param-sized temporaries) changes the next one's caches and allocations.
-        # Measured on one 16M tensor, ours / fused iteration: 1.015-1.038 when ours always came
-        # right after foreach, 0.954-0.963 when fused did.
-        shift = repetition % len(names)
-        for name in names[shift:] + names[:shift]:
+        for name in in_turn(list(loops), repetition):
             seconds[name].append(loops[name].iteration())
     rows = {name: {"iteration_ms": 1e3 * statistics.median(s[0] for s in values),
                    "step_ms": 1e3 * statistics.median(s[1] for s in values)} for name, values in seconds.items()}
