@@ -205,7 +205,8 @@ class _Kernel:
     each call), called with tensors; after the first call, past Dynamo's frame hook (Note [calls
     past Dynamo's frame hook]) and, for an in-place kernel (``direct=True``: it returns None and
     has no backward), straight into Inductor's compiled graph (Note [calls into Inductor's
-    graph]). Its inputs lose their view bases (Note [inputs without a view base])."""
+    graph]). It compiles for inputs without view bases; calls past the hook take them as they
+    are (Note [inputs without a view base])."""
 
     def __init__(self, fn: Callable[..., Any], name: str, *, dynamic: bool, direct: bool, **static: Any):
         function = _own_code_copy(fn, name)
