@@ -48,7 +48,8 @@ element in-place add; the eager op takes 3 us). A step over a small model is a f
 that hook, not the kernels, was most of its time (one 1,024-element param: 0.093 ms per step
 against torch fused's 0.031 ms). So after a kernel's first call each call checks Dynamo's own
 guards for it (``guard_manager.check``, the check Dynamo's hook runs: 2.2-2.5 us for a call that
-passes, most of it five attribute lookups per tensor for dimension markings) and runs the code
+passes; among its checks are five attribute lookups per tensor for dimension markings, not timed
+apart) and runs the code
 Dynamo compiled for the frame, as the hook would; a call whose guards fail goes through
 ``torch.compile`` as before, and compiles, which the recompile tests count. So does every call
 while a stance other than the default is set (``torch.compiler.set_stance("force_eager")`` runs
@@ -69,8 +70,8 @@ the ones we build (the same tensor objects, the same sizes, in order) do later c
 the guards pass, hand them to ``call`` themselves; otherwise that entry keeps going through
 Dynamo's code (``test_an_in_place_kernel_calls_inductors_graph_once_its_inputs_are_verified``).
 AOTAutograd's cache would return a compiled function without building the graph, so these
-kernels compile with it off: a process with warm caches takes 1.1 s instead of 0.6 s for a
-kernel's first call. Measured: one 1,024-element param, the whole step 42 -> 29-32 us (torch
+kernels compile with it off: a process with warm caches took 1.1 s instead of 0.6 s for a
+kernel's first call (measured with a prototype of this backend). Measured: one 1,024-element param, the whole step 42 -> 29-32 us (torch
 fused: 21-22 us). The differentiable kernel has a backward and keeps the ordinary path.
 
 Note [parallel at any length]: Inductor's C++ backend makes a loop parallel only if the length it

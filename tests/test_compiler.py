@@ -63,6 +63,34 @@ def test_partial_grads_and_new_step_counts_do_not_recompile():
     assert_models_close(model, twin)
 
 
+def test_a_large_param_stepped_where_it_lives_compiles_nothing_more():
+    """A large param re-pointed away from home is read and written in place by the kernel that
+    steps params at home (Note [where memory lives]): what it passes must look the same to that
+    kernel's guards (a view of the param would require grad, and compile a second graph)."""
+    def make() -> list[torch.nn.Parameter]:
+        generator = torch.Generator().manual_seed(0)
+        return [torch.nn.Parameter(torch.randn(70_000, generator=generator)),
+                torch.nn.Parameter(torch.randn(8, generator=generator))]
+
+    params, references = make(), make()
+    optimizer, reference = AdamW(params, lr=0.1), torch.optim.AdamW(references, lr=0.1)
+
+    def step(number: int) -> None:
+        for p, q in zip(params, references):
+            p.grad = torch.full_like(p, float(number)).sin_()
+            q.grad = p.grad.clone()
+        optimizer.step()
+        reference.step()
+
+    step(1)
+    graphs_before = counters["stats"]["unique_graphs"]
+    params[0].data, references[0].data = params[0].data.clone(), references[0].data.clone()
+    for number in range(2, 5):
+        step(number)
+    assert counters["stats"]["unique_graphs"] == graphs_before
+    torch.testing.assert_close(params, references)
+
+
 def test_after_its_first_call_a_kernel_runs_past_dynamos_frame_hook():
     """Note [calls past Dynamo's frame hook]: later steps run the code Dynamo compiled, after its
     guards pass, without calling the ``torch.compile``'d function -- unless the user set another
