@@ -26,10 +26,26 @@ wrote itself, as the eager step does (``FlatBucket._count_writes``).
 
 The state buffers are the body's own business, not the graph's: code in the same compiled
 function that reads ``optimizer.state`` sees the values of the step before.
+
+Note [a step compiled alone]: the grads and params are the op's inputs only so that the rest of
+the user's graph stays in order with the step. When the frame being compiled is the step itself
+-- ``torch.compile(opt.step)``, the compiled-optimizer tutorial -- with no step hooks and no
+closure, the graph holds nothing but the step, so nothing in it can read or write a param or a
+grad: the trace then calls ``compiled_adamw::step_alone``, whose inputs are the packed
+hyperparameters and whose declared writes are the step counters (which keep it from being
+dropped as dead code), and whose body reads the grads where they are when the graph runs, as
+the eager step does. Nothing in the trace walks the params: its size, and the compile's time, do
+not grow with the param count. Which frame is being compiled is read from Dynamo's translator
+(an internal: where it is missing, or the answer is not a clear yes, the step takes the op
+above). A hook registered later changes what Dynamo guarded on (the wrapper's loop over the
+hooks), so the next call compiles again and takes the op above. The op is tagged
+``cudagraph_unsafe``: a CUDA graph replaying it would read the grads where they were when it
+was captured.
 """
 
 from __future__ import annotations
 
+import inspect
 import itertools
 import weakref
 from typing import TYPE_CHECKING, Optional
@@ -42,7 +58,7 @@ from .flat_bucket import memory_of
 if TYPE_CHECKING:
     from .optimizer import AdamW
 
-__all__ = ["register", "step_opaquely"]
+__all__ = ["compiled_alone", "register", "step_alone", "step_opaquely"]
 
 _optimizers: weakref.WeakValueDictionary[int, AdamW] = weakref.WeakValueDictionary()
 
@@ -75,12 +91,21 @@ _library = torch.library.Library("compiled_adamw", "DEF")
 _library.define("step(int handle, Tensor?[] grads, Tensor(a!)[] params, Tensor(b!)[] steps, "
                 "Tensor[] hyperparameters, Tensor[] fences, bool scaled, bool skippable) -> ()")
 _library.define("written(Tensor(a!)[] params, Tensor[] after) -> Tensor")
+_library.define("step_alone(int handle, Tensor(a!)[] steps, Tensor[] hyperparameters, bool scaled, "
+                "bool skippable) -> ()", tags=(torch.Tag.cudagraph_unsafe,))
 
 
 def _step(handle: int, grads: list[Optional[Tensor]], params: list[Tensor], steps: list[Tensor],
           hyperparameters: list[Tensor], fences: list[Tensor], scaled: bool, skippable: bool) -> None:
     with torch._C._ForceDispatchKeyGuard(*_EAGER_DISPATCH_KEYS):
         _optimizers[handle]._step_buckets(grads, hyperparameters, scaled, skippable)
+
+
+def _step_alone(handle: int, steps: list[Tensor], hyperparameters: list[Tensor], scaled: bool,
+                skippable: bool) -> None:
+    optimizer = _optimizers[handle]
+    with torch._C._ForceDispatchKeyGuard(*_EAGER_DISPATCH_KEYS):
+        optimizer._step_buckets(optimizer._grads(), hyperparameters, scaled, skippable)
 
 
 def _written(params: list[Tensor], after: list[Tensor]) -> Tensor:
@@ -90,7 +115,9 @@ def _written(params: list[Tensor], after: list[Tensor]) -> Tensor:
 
 _library.impl("step", _step, "CompositeExplicitAutograd")
 _library.impl("written", _written, "CompositeExplicitAutograd")
+_library.impl("step_alone", _step_alone, "CompositeExplicitAutograd")
 torch.library.register_fake("compiled_adamw::step", lambda *args: None, lib=_library)
+torch.library.register_fake("compiled_adamw::step_alone", lambda *args: None, lib=_library)
 torch.library.register_fake("compiled_adamw::written", lambda params, after: torch.empty(0), lib=_library)
 
 
@@ -110,3 +137,34 @@ def step_opaquely(optimizer: AdamW, grads: list[Tensor | None], hyperparameters:
                                   scaled, skippable)
     for written in slices:
         torch.ops.compiled_adamw.written(written, steps)
+
+
+_STEP_WRAPPER_CODE = torch.optim.Optimizer.profile_hook_step(lambda: None).__code__
+
+
+@torch.compiler.assume_constant_result
+def compiled_alone() -> bool:
+    """Whether the frame Dynamo is compiling is an AdamW's step and nothing else (Note [a step
+    compiled alone]); run when Dynamo traces the step, never in a graph. It takes no argument: an
+    int that differs between two compiles (a handle) would reach it as a symbol."""
+    from torch.optim.optimizer import _global_optimizer_post_hooks, _global_optimizer_pre_hooks
+
+    from .optimizer import AdamW
+    try:
+        from torch._dynamo.symbolic_convert import InstructionTranslator
+        frame = InstructionTranslator.current_tx()
+        code, args = frame.f_code, frame.f_locals.get("args")
+    except (ImportError, AttributeError, AssertionError):
+        return False
+    if code is not _STEP_WRAPPER_CODE or not isinstance(args, tuple) or not args:
+        return False
+    optimizer = args[0]
+    return (isinstance(optimizer, AdamW) and inspect.unwrap(type(optimizer).step) is inspect.unwrap(AdamW.step)
+            and not (_global_optimizer_pre_hooks or _global_optimizer_post_hooks
+                     or optimizer._optimizer_step_pre_hooks or optimizer._optimizer_step_post_hooks))
+
+
+def step_alone(optimizer: AdamW, hyperparameters: list[Tensor], scaled: bool, skippable: bool) -> None:
+    """The step as the whole of a user's trace (Note [a step compiled alone])."""
+    steps = [bucket.steps for group in optimizer._buckets for bucket in group]
+    torch.ops.compiled_adamw.step_alone(optimizer._handle, steps, hyperparameters, scaled, skippable)

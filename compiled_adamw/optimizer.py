@@ -23,7 +23,7 @@ from .functional import group_key, step_together
 from .hyperparameters import (GROUP_KEYS, OPTIONAL_DEFAULTS, SCALAR_NAMES, GroupSettings, ParamGroup, check_value,
                               group_value)
 from .kernels import differentiable_kernel, update_kernel
-from .opaque_step import register, step_opaquely
+from .opaque_step import compiled_alone, register, step_alone, step_opaquely
 
 __all__ = ["AdamW"]
 
@@ -188,16 +188,22 @@ class AdamW(torch.optim.Optimizer):
         # what the graph may change: grads and hyperparameters (Note [one opaque step in a
         # user's trace]).
         hyperparameters = [settings.packed(settings.device, scaler) for settings in self._settings]
-        grads = [p.grad for buckets in self._buckets for bucket in buckets for p in bucket.params]
         # A clip alone multiplies the grads; a GradScaler's found_inf may also skip the step.
         scaled, skippable = scaler is not None, getattr(self, "found_inf", None) is not None
-        if tracing:
+        if not tracing:
+            self._step_buckets(self._grads(), hyperparameters, scaled, skippable)
+        elif closure is None and compiled_alone():
             with torch.no_grad():
-                step_opaquely(self, grads, hyperparameters, scaled, skippable)
+                step_alone(self, hyperparameters, scaled, skippable)
         else:
-            self._step_buckets(grads, hyperparameters, scaled, skippable)
+            with torch.no_grad():
+                step_opaquely(self, self._grads(), hyperparameters, scaled, skippable)
         self._clip[0] = None
         return loss
+
+    def _grads(self) -> list[Tensor | None]:
+        """The params' grads, in bucket order (``_step_buckets``' argument)."""
+        return [p.grad for buckets in self._buckets for bucket in buckets for p in bucket.params]
 
     def _step_buckets(self, grads: list[Tensor | None], hyperparameters: list[Tensor], scaled: bool,
                       skippable: bool) -> None:

@@ -67,6 +67,22 @@ def ours(model: torch.nn.Module, **kwargs) -> AdamW:
     return AdamW(model.parameters(), lr=1e-2, **kwargs)
 
 
+# The two ways a user compiles our step: the step itself, ``torch.compile(opt.step)`` (Note [a step
+# compiled alone]), and a call inside a function of theirs (Note [one opaque step in a user's trace]).
+USERS_COMPILES = ("step-alone", "in-users-function")
+
+
+def compiled_by_user(optimizer: torch.optim.Optimizer, how: str, **options):
+    """``optimizer.step`` compiled with ``fullgraph=True`` as ``how`` (one of ``USERS_COMPILES``) says."""
+    if how == "step-alone":
+        return torch.compile(optimizer.step, fullgraph=True, **options)
+
+    def users_function():
+        optimizer.step()
+
+    return torch.compile(users_function, fullgraph=True, **options)
+
+
 def through_disk(obj, **load_kwargs):
     """``obj`` after ``torch.save`` and ``torch.load`` (``weights_only=True`` unless overridden)."""
     buffer = io.BytesIO()

@@ -13,10 +13,11 @@ import torch
 from torch._dynamo.eval_frame import _debug_get_cache_entry_list
 from torch._dynamo.utils import counters
 from torch._inductor.utils import run_and_get_code
+from torch.optim.optimizer import register_optimizer_step_post_hook, register_optimizer_step_pre_hook
 
 from compiled_adamw import AdamW, kernels, opaque_step
 
-from .helpers import assert_models_close, batch, model_and_twin, ours, train
+from .helpers import USERS_COMPILES, assert_models_close, batch, compiled_by_user, model_and_twin, ours, train
 
 
 def _cache_entries(compiled) -> int:
@@ -226,7 +227,8 @@ def test_each_step_is_one_kernel_with_its_scalars_outside_the_loop():
         assert "#pragma omp parallel" in kernel, "the elementwise loop is serial"
 
 
-def test_step_inside_a_users_fullgraph_compile_with_a_scheduler_attached():
+@pytest.mark.parametrize("how", USERS_COMPILES)
+def test_step_inside_a_users_fullgraph_compile_with_a_scheduler_attached(how):
     """PyTorch's compiled-optimizer tutorial, with OneCycleLR (beta1 cycling) attached: torch's
     scheduler wraps ``opt.step`` in a function Dynamo refuses to trace (torch's AdamW fails here);
     ours traces in one graph at the first call, and nothing compiles again -- neither the user's
@@ -235,10 +237,7 @@ def test_step_inside_a_users_fullgraph_compile_with_a_scheduler_attached():
     model, twin = model_and_twin()
     optimizer, reference = ours(model), torch.optim.AdamW(twin.parameters(), lr=1e-2)
     schedulers = [torch.optim.lr_scheduler.OneCycleLR(o, max_lr=0.05, total_steps=40) for o in (optimizer, reference)]
-
-    @torch.compile(fullgraph=True)
-    def compiled_step():
-        optimizer.step()
+    compiled_step = compiled_by_user(optimizer, how)
 
     breaks_before = dict(counters["graph_break"])
     for step in range(20):
@@ -257,7 +256,7 @@ def test_step_inside_a_users_fullgraph_compile_with_a_scheduler_attached():
     torch.testing.assert_close(optimizer.state_dict()["state"], reference.state_dict()["state"])
 
 
-def _traced_graph(n_params: int) -> torch.fx.GraphModule:
+def _traced_graph(n_params: int, how: str) -> torch.fx.GraphModule:
     params = [torch.nn.Parameter(torch.randn(8)) for _ in range(n_params)]
     for p in params:
         p.grad = torch.randn(8)
@@ -268,34 +267,40 @@ def _traced_graph(n_params: int) -> torch.fx.GraphModule:
         graphs.append(graph)
         return graph.forward
 
-    torch.compile(optimizer.step, fullgraph=True, backend=keep_graph)()
+    with torch._dynamo.config.patch(automatic_dynamic_shapes=False):  # each optimizer's graph as if first
+        compiled_by_user(optimizer, how, backend=keep_graph)()
     (graph,) = graphs
     return graph
 
 
-def test_a_users_trace_has_the_same_operations_for_10_and_for_200_params():
-    """Note [one opaque step in a user's trace]: only the graph's inputs (grads and params) grow."""
-    operations = []
-    for n_params in (10, 200):
-        nodes = list(_traced_graph(n_params).graph.nodes)
-        operations.append([str(node.target) for node in nodes if node.op not in ("placeholder", "output")])
-        assert sum(node.op == "placeholder" for node in nodes) >= 2 * n_params
+@pytest.mark.parametrize("how", USERS_COMPILES)
+def test_a_users_trace_has_the_same_operations_for_10_and_for_200_params(how):
+    """Note [one opaque step in a user's trace]: inside a user's function only the graph's inputs
+    (grads and params) grow; Note [a step compiled alone]: the step compiled on its own traces no
+    param and no grad, so its graph is the same whatever the param count."""
+    graphs = [[(node.op, str(node.target)) for node in _traced_graph(n_params, how).graph.nodes]
+              for n_params in (10, 200)]
+    operations = [[node for node in graph if node[0] not in ("placeholder", "output")] for graph in graphs]
     assert operations[0] == operations[1]
-    assert sum("compiled_adamw.step" in op for op in operations[0]) == 1
+    op = "compiled_adamw.step_alone" if how == "step-alone" else "compiled_adamw.step"
+    assert sum(target == op for _, target in operations[0]) == 1
+    for n_params, graph in zip((10, 200), graphs):
+        inputs = sum(kind == "placeholder" for kind, _ in graph)
+        assert inputs == 2 if how == "step-alone" else inputs >= 2 * n_params  # our vector, our counters
 
 
 _COMPILER_RUNTIME = ("torch/_dynamo/", "torch/_functorch/", "torch/_inductor/", "torch/_compile.py", "torch/compiler/",
                      "<string>", "/torchinductor")
 
 
-def _python_calls_in_a_step(n_params: int, users_compile: bool) -> int:
+def _python_calls_in_a_step(n_params: int, how: str) -> int:
     """Python function calls (not C calls) made by one steady step over ``n_params`` params,
     leaving out the compiler's runtime (Dynamo's guards and the wrappers of a compiled graph:
     which cache entry serves the user's frame depends on the optimizers compiled before in this
     process)."""
     params = [torch.nn.Parameter(torch.randn(8)) for _ in range(n_params)]
     optimizer = AdamW(params, lr=1e-2)
-    step = torch.compile(optimizer.step, fullgraph=True) if users_compile else optimizer.step
+    step = optimizer.step if how == "eager" else compiled_by_user(optimizer, how)
     calls = []
     for _ in range(3):
         for p in params:
@@ -310,13 +315,13 @@ def _python_calls_in_a_step(n_params: int, users_compile: bool) -> int:
     return len(calls)
 
 
-@pytest.mark.parametrize("users_compile", [False, True], ids=["eager", "users-compile"])
-def test_a_steady_step_runs_no_python_per_param(users_compile):
+@pytest.mark.parametrize("how", ("eager",) + USERS_COMPILES)
+def test_a_steady_step_runs_no_python_per_param(how):
     """Per-param work is C calls (foreach copies, one metadata check, version bumps): Python per
     param is what made 1,000 small params slow (Note [a step that looks once]) and, inside a
     user's compile, torch.library.custom_op's per-tensor wrapper (Note [one opaque step in a
     user's trace])."""
-    assert _python_calls_in_a_step(10, users_compile) == _python_calls_in_a_step(200, users_compile)
+    assert _python_calls_in_a_step(10, how) == _python_calls_in_a_step(200, how)
 
 
 @pytest.mark.parametrize("fence_params", [opaque_step.FENCE_PARAMS, 1], ids=["one-op", "fenced"])
@@ -352,7 +357,89 @@ def test_the_same_compiled_function_sees_the_stepped_params_and_the_grads_it_cha
     torch.testing.assert_close(results[0], results[1], rtol=1e-5, atol=1e-6)
 
 
-def test_a_param_left_where_it_lives_is_stepped_there_inside_a_users_compile():
+# Inside a user's compile, hooks use the params they know: Dynamo cannot read our param_groups
+# (GroupSettings' docstring).
+_PARAMS_OF: dict[torch.optim.Optimizer, list[torch.nn.Parameter]] = {}
+
+
+def _halve_grads(optimizer, args, kwargs):
+    for p in _PARAMS_OF[optimizer]:
+        p.grad.mul_(0.5)
+
+
+@pytest.mark.parametrize("hook", ["pre", "post", "global-pre", "global-post"])
+def test_a_hook_registered_after_the_first_compiled_step_is_traced_in_order_with_it(hook):
+    """Note [a step compiled alone]: ``torch.compile(opt.step)`` without hooks traces no param and
+    no grad; a hook registered later is traced with the step at the next call (it compiles again),
+    and the step then sees the grads a pre-hook changed in place and a post-hook sees the stepped
+    params, as with torch's AdamW called eagerly."""
+    model, twin = model_and_twin()
+    optimizer, reference = ours(model), torch.optim.AdamW(twin.parameters(), lr=1e-2)
+    _PARAMS_OF.update({optimizer: list(model.parameters()), reference: list(twin.parameters())})
+    averages = {o: [p.detach().clone() for p in _PARAMS_OF[o]] for o in (optimizer, reference)}
+
+    def average(o, args, kwargs):
+        for running, p in zip(averages[o], _PARAMS_OF[o]):
+            running.lerp_(p.detach(), 0.5)
+
+    register = {"pre": lambda o: o.register_step_pre_hook(_halve_grads),
+                "post": lambda o: o.register_step_post_hook(average),
+                "global-pre": lambda o: register_optimizer_step_pre_hook(_halve_grads),
+                "global-post": lambda o: register_optimizer_step_post_hook(average)}[hook]
+    compiled_step = torch.compile(optimizer.step, fullgraph=True)
+    handles = []
+    try:
+        for step in range(3):
+            if step == 1:
+                handles = [register(optimizer)] if hook.startswith("global") else [register(o) for o in (optimizer, reference)]
+            for m, o, do_step in ((model, optimizer, compiled_step), (twin, reference, reference.step)):
+                x, y = batch(step)
+                o.zero_grad()
+                torch.nn.functional.mse_loss(m(x), y).backward()
+                do_step()
+    finally:
+        for handle in handles:
+            handle.remove()
+        _PARAMS_OF.clear()
+    assert_models_close(model, twin)
+    torch.testing.assert_close(averages[optimizer], averages[reference], rtol=1e-5, atol=1e-6)
+
+
+class _ClippingAdamW(AdamW):
+    def __init__(self, params, **options):
+        self.clipped = list(params)
+        super().__init__(self.clipped, **options)
+
+    def step(self, closure=None):
+        torch.nn.utils.clip_grad_norm_(self.clipped, 0.05)
+        return super().step(closure)
+
+
+def test_a_subclass_whose_step_changes_the_grads_is_stepped_with_the_changed_grads_when_compiled():
+    """Note [a step compiled alone] holds for AdamW's own step only: a subclass's step that clips
+    the grads in place before ours is traced as a user's function, its grads as the op's inputs."""
+    model, twin = model_and_twin()
+    optimizer, reference = _ClippingAdamW(model.parameters(), lr=1e-2), torch.optim.AdamW(twin.parameters(), lr=1e-2)
+    compiled_step = torch.compile(optimizer.step, fullgraph=True)
+    for step in range(3):
+        for m, o in ((model, optimizer), (twin, reference)):
+            x, y = batch(step)
+            o.zero_grad()
+            torch.nn.functional.mse_loss(m(x), y).backward()
+        compiled_step()
+        torch.nn.utils.clip_grad_norm_(twin.parameters(), 0.05)
+        reference.step()
+    assert_models_close(model, twin)
+
+
+def test_the_op_of_a_step_compiled_alone_keeps_out_of_cuda_graphs():
+    """Its body reads the grads where they are when it runs; a CUDA graph would replay the
+    addresses it captured (Note [a step compiled alone])."""
+    assert torch.Tag.cudagraph_unsafe in torch.ops.compiled_adamw.step_alone.default.tags
+
+
+@pytest.mark.parametrize("how", USERS_COMPILES)
+def test_a_param_left_where_it_lives_is_stepped_there_inside_a_users_compile(how):
     """A param that is not dense stays in its own memory (Note [where memory lives]); a user's
     trace, which cannot read pointers, must step it there too, not in its unused flat segment."""
     model, twin = model_and_twin()
@@ -361,7 +448,7 @@ def test_a_param_left_where_it_lives_is_stepped_there_inside_a_users_compile():
         spread[:, ::2] = m[0].weight.detach()
         m[0].weight = torch.nn.Parameter(spread[:, ::2])
     optimizer, reference = ours(model), torch.optim.AdamW(twin.parameters(), lr=1e-2)
-    compiled_step = torch.compile(optimizer.step, fullgraph=True)
+    compiled_step = compiled_by_user(optimizer, how)
     for step in range(3):
         for m, o, do_step in ((model, optimizer, compiled_step), (twin, reference, reference.step)):
             x, y = batch(step)

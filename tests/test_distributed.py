@@ -30,7 +30,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from compiled_adamw import AdamW
 
-from .helpers import batch, model_and_twin
+from .helpers import USERS_COMPILES, batch, compiled_by_user, model_and_twin
 
 WORLD_SIZE = 2
 STEPS = 4
@@ -192,9 +192,9 @@ def _train_under_fsdp2(rank: int, folder: str) -> dict:
                                                                 getattr(value, "device_mesh", None))
                                                           for key, value in optimizer.state[p].items()})
                           for p in model.parameters()]
-    # The step inside a user's compile: its op gets each rank's local shards.
+    # The step inside a user's function: its op gets each rank's local shards.
     model, optimizer = _sharded(**EAGER)
-    compiled_step = torch.compile(optimizer.step, fullgraph=True)
+    compiled_step = compiled_by_user(optimizer, "in-users-function")
     for step in range(STEPS):
         x, y = data(step)
         optimizer.zero_grad()
@@ -247,12 +247,13 @@ def test_fsdp2_steps_local_shards_with_the_compiled_kernels(one_process_group):
     torch.testing.assert_close(_flat(model), _flat(_one_process(range(STEPS))), rtol=1e-5, atol=1e-6)
 
 
-def test_fsdp2_step_inside_a_users_fullgraph_compile(one_process_group):
-    """``torch.compile(opt.step, fullgraph=True)`` over FSDP2's params: the step op receives the
-    local shards of params and grads (DTensor has no rule for it), compiles once, leaves the
-    shards where FSDP keeps them and gives one process's numbers."""
+@pytest.mark.parametrize("how", USERS_COMPILES)
+def test_fsdp2_step_inside_a_users_fullgraph_compile(one_process_group, how):
+    """The step compiled by the user over FSDP2's params (the op of a user's function receives the
+    local shards of params and grads: DTensor has no rule for it) compiles once, leaves the shards
+    where FSDP keeps them and gives one process's numbers."""
     model, optimizer = _sharded()
-    step = torch.compile(optimizer.step, fullgraph=True)
+    step = compiled_by_user(optimizer, how)
     shards = [p.to_local().data_ptr() for p in model.parameters()]
     for index in range(STEPS):
         x, y = _full_batch(index)

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 
-from .helpers import assert_models_close, batch, model_and_twin, ours, through_disk, train
+from .helpers import USERS_COMPILES, assert_models_close, batch, compiled_by_user, model_and_twin, ours, through_disk, train
 
 
 def _torch_keys(groups: list[dict]) -> list[dict]:
@@ -70,7 +70,7 @@ def test_params_reassigned_after_construction_are_adopted():
     assert_models_close(model, twin)
 
 
-@pytest.mark.parametrize("where", ["home", "re-pointed", "eager-kernels", "users-compile"])
+@pytest.mark.parametrize("where", ["home", "re-pointed", "eager-kernels", *USERS_COMPILES])
 def test_a_step_bumps_the_params_versions_so_a_stale_backward_fails_as_with_torch(where):
     """torch's step writes the params in place, which bumps their version counters: a backward
     through a graph that saved a param before the step then raises instead of using the new
@@ -80,7 +80,7 @@ def test_a_step_bumps_the_params_versions_so_a_stale_backward_fails_as_with_torc
     if where == "re-pointed":
         model[0].weight.data = model[0].weight.data.t().contiguous().t()  # away from home, another layout
     optimizer = ours(model, compile=where != "eager-kernels")
-    ours_step = torch.compile(optimizer.step, fullgraph=True) if where == "users-compile" else optimizer.step
+    ours_step = compiled_by_user(optimizer, where) if where in USERS_COMPILES else optimizer.step
     for m, step in ((model, ours_step), (twin, torch.optim.AdamW(twin.parameters(), lr=1e-2).step)):
         x, y = batch(0)
         torch.nn.functional.mse_loss(m(x), y).backward()
