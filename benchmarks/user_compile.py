@@ -7,7 +7,11 @@ with an empty Inductor cache (so "cold" includes every compile the case needs, o
   purpose, and the scheduler's wrapper of ``opt.step`` is in a file Dynamo refuses to trace), so
   it runs without fullgraph, with a float lr and no scheduler. Reported: the
   first call (cold compile), the second, graphs compiled after the first call, and the steady
-  call against our own step called eagerly in the same process (interleaved).
+  call against our own step called eagerly in the same process (interleaved). The step compiled
+  on its own traces no param (Note [a step compiled alone]).
+* ``users-function``: the same, with ``opt.step()`` called inside the user's own
+  ``torch.compile(fullgraph=True)`` function (ours only), whose trace takes every grad and param
+  as an input (Note [one opaque step in a user's trace]).
 * ``train-step``: forward, backward, step and zero_grad in one ``torch.compile`` on a small
   transformer (112 param tensors), ours against torch's foreach and fused, each in a fresh
   process (not interleaved: run it twice).
@@ -43,7 +47,7 @@ def _timed(call) -> float:
     return time.perf_counter() - start
 
 
-def tutorial(contender: str, n: int) -> dict:
+def tutorial(contender: str, n: int, within_users_function: bool = False) -> dict:
     from compiled_adamw import AdamW
     params = [torch.nn.Parameter(torch.randn(1024)) for _ in range(n)]
     if contender == "ours":
@@ -54,6 +58,11 @@ def tutorial(contender: str, n: int) -> dict:
         scheduler = None
     # torch's step has a deliberate graph break (torch._dynamo.graph_break()): fullgraph fails.
     compiled = torch.compile(optimizer.step, fullgraph=contender == "ours")
+    if within_users_function:
+        def users_function():
+            optimizer.step()
+
+        compiled = torch.compile(users_function, fullgraph=True)
 
     def fresh_grads():
         for p in params:
@@ -126,6 +135,8 @@ def _in_fresh_process(*args: str) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--sizes", type=int, nargs="*", default=list(TUTORIAL_SIZES))
+    parser.add_argument("--function-sizes", type=int, nargs="*", default=list(TUTORIAL_SIZES),
+                        help="tensor counts for ours stepped inside a user's function")
     parser.add_argument("--torch-sizes", type=int, nargs="*", default=[10, 100, 1_000],
                         help="tensor counts for torch's compiled AdamW (10,000 takes far longer)")
     parser.add_argument("--out", help="write the results here as JSON")
@@ -133,10 +144,12 @@ def main() -> None:
     args = parser.parse_args()
     if args.child:
         kind, *rest = args.child
-        print(json.dumps(tutorial(rest[0], int(rest[1])) if kind == "tutorial" else train_step(rest[0])))
+        print(json.dumps(train_step(rest[0]) if kind == "train-step"
+                         else tutorial(rest[0], int(rest[1]), within_users_function=kind == "users-function")))
         return
     results = []
     cases = [("tutorial", "ours", n) for n in args.sizes] + [("tutorial", "torch", n) for n in args.torch_sizes]
+    cases += [("users-function", "ours", n) for n in args.function_sizes]
     cases += [("train-step", contender, None) for contender in TRAIN_STEP_CONTENDERS]
     for kind, contender, n in cases:
         row = {"case": kind, "contender": contender, "tensors": n,

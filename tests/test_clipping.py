@@ -139,16 +139,28 @@ def test_unscale_clip_step_with_a_grad_scaler_and_an_overflow_matches_torch(dtyp
     assert_models_close(model, twin)
 
 
-def test_clip_and_step_inside_a_users_fullgraph_compile():
+@pytest.mark.parametrize("clipped_where", ["in-users-function", "eagerly-before-the-step-compiled-alone"])
+def test_clip_and_step_inside_a_users_fullgraph_compile(clipped_where):
+    """The coefficient reaches the step as a graph input either way: computed in the user's graph,
+    or pending from an eager ``clip_grad_norm_`` when ``torch.compile(opt.step)`` runs (Note [a
+    step compiled alone])."""
     model, twin = model_and_twin()
     optimizer, reference = AdamW(model.parameters(), lr=1e-2), torch.optim.AdamW(twin.parameters(), lr=1e-2)
 
-    @torch.compile(fullgraph=True)
-    def clipped_step():
+    def clip_then_step():
         norm = optimizer.clip_grad_norm_(0.05)
         optimizer.step()
         return norm
 
+    compiled_step = torch.compile(optimizer.step, fullgraph=True)
+
+    def clip_eagerly_then_step_compiled():
+        norm = optimizer.clip_grad_norm_(0.05)
+        compiled_step()
+        return norm
+
+    clipped_step = (torch.compile(clip_then_step, fullgraph=True) if clipped_where == "in-users-function"
+                    else clip_eagerly_then_step_compiled)
     for step in range(3):
         x, y = batch(step)
         for m, o in ((model, optimizer), (twin, reference)):
