@@ -70,6 +70,7 @@ class OursAgainstTorch(RuleBasedStateMachine):
         self.schedulers = {side: torch.optim.lr_scheduler.ExponentialLR(self.optimizers[side], gamma=0.9)
                            for side in SIDES}
         self.added = False
+        self.compiled_steps: dict[AdamW, object] = {}
 
     def _groups(self, side: str) -> list[dict]:
         params = self.params[side]
@@ -85,16 +86,24 @@ class OursAgainstTorch(RuleBasedStateMachine):
 
     # ---- operations ------------------------------------------------------------------------
 
-    @rule(present=st.integers(0, 2 ** (len(PARAMS) + len(ADDED)) - 1))
-    def step(self, present: int) -> None:
-        """A fresh grad for the params whose bit is set in ``present``; the others keep theirs."""
+    @rule(present=st.integers(0, 2 ** (len(PARAMS) + len(ADDED)) - 1), compiled_by_the_user=st.booleans())
+    def step(self, present: int, compiled_by_the_user: bool) -> None:
+        """A fresh grad for the params whose bit is set in ``present``; the others keep theirs.
+        ``compiled_by_the_user``: ours steps through ``torch.compile(opt.step, fullgraph=True)``
+        (Note [a step compiled alone])."""
         grads = [_tensor(p.shape, p.dtype, self.generator) if present >> i & 1 else None
                  for i, p in enumerate(self.params["ours"])]
         for side in SIDES:
             for p, g in zip(self.params[side], grads):
                 if g is not None:
                     p.grad = g.clone()
-            self.optimizers[side].step()
+            optimizer = self.optimizers[side]
+            if side == "ours" and compiled_by_the_user:
+                if optimizer not in self.compiled_steps:
+                    self.compiled_steps[optimizer] = torch.compile(optimizer.step, fullgraph=True)
+                self.compiled_steps[optimizer]()
+            else:
+                optimizer.step()
 
     @rule(set_to_none=st.booleans())
     def zero_grad(self, set_to_none: bool) -> None:
