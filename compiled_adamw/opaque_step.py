@@ -28,16 +28,17 @@ The state buffers are the body's own business, not the graph's: code in the same
 function that reads ``optimizer.state`` sees the values of the step before.
 
 Note [a step compiled alone]: the grads and params are the op's inputs only so that the rest of
-the user's graph stays in order with the step. When the frame being compiled is the step itself
--- ``torch.compile(opt.step)``, the compiled-optimizer tutorial -- with no step hooks and no
-closure, the graph holds nothing but the step, so nothing in it can read or write a param or a
-grad: the trace then calls ``compiled_adamw::step_alone``, whose inputs are the packed
+the user's graph stays in order with the step. When the frame being compiled does nothing but
+step -- ``torch.compile(opt.step)``, or a function whose whole body is ``opt.step()`` (the
+compiled-optimizer recipe's ``fn``) -- with no step hooks, no closure, and AdamW's own ``step``,
+the graph holds nothing but the step, so nothing in it can read or write a param or a grad: the trace then calls ``compiled_adamw::step_alone``, whose inputs are the packed
 hyperparameters and whose declared writes are the step counters (which keep it from being
 dropped as dead code), and whose body reads the grads where they are when the graph runs, as
 the eager step does. Nothing in the trace walks the params: its size, and the compile's time, do
 not grow with the param count. Which frame is being compiled is read from Dynamo's translator
 (an internal: where it is missing, or the answer is not a clear yes, the step takes the op
-above). A hook registered later changes what Dynamo guarded on (the wrapper's loop over the
+above), and what a function does from its bytecode: the name it loads, ``step``, a call without
+arguments, a return; anything else, or an unknown instruction, takes the op above. A hook registered later changes what Dynamo guarded on (the wrapper's loop over the
 hooks), so the next call compiles again and takes the op above. The op is tagged
 ``cudagraph_unsafe``: a CUDA graph replaying it would read the grads where they were when it
 was captured.
@@ -45,8 +46,10 @@ was captured.
 
 from __future__ import annotations
 
+import dis
 import inspect
 import itertools
+import types
 import weakref
 from typing import TYPE_CHECKING, Optional
 
@@ -141,24 +144,50 @@ def step_opaquely(optimizer: AdamW, grads: list[Tensor | None], hyperparameters:
 
 _STEP_WRAPPER_CODE = torch.optim.Optimizer.profile_hook_step(lambda: None).__code__
 
+# The bytecode of a function whose whole body is ``name.step()`` or ``return name.step()``, as
+# Python 3.10-3.13 compile it, leaving out what does nothing: the name, ``step``, a call without
+# arguments, and one of these endings.
+_INERT = frozenset({"RESUME", "NOP", "CACHE", "COPY_FREE_VARS", "MAKE_CELL", "PUSH_NULL", "PRECALL", "EXTENDED_ARG"})
+_NAME_LOADS = frozenset({"LOAD_GLOBAL", "LOAD_DEREF", "LOAD_FAST", "LOAD_NAME", "LOAD_CLASSDEREF"})
+_CALLS = frozenset({"CALL", "CALL_METHOD", "CALL_FUNCTION"})
+_ENDINGS = ([("POP_TOP", None), ("LOAD_CONST", None), ("RETURN_VALUE", None)],
+            [("POP_TOP", None), ("RETURN_CONST", None)], [("RETURN_VALUE", None)])
+
+
+def _stepped_by(code: types.CodeType) -> Optional[str]:
+    """The name whose ``step()`` is all the function of ``code`` does (``def fn(): opt.step()``,
+    the compiled-optimizer recipe's), or None."""
+    operations = [(i.opname, i.argval) for i in dis.get_instructions(code) if i.opname not in _INERT]
+    if len(operations) < 4:
+        return None
+    (load, name), (get_attribute, attribute), (call, arguments), *ending = operations
+    if (load in _NAME_LOADS and get_attribute in ("LOAD_METHOD", "LOAD_ATTR") and attribute == "step"
+            and call in _CALLS and arguments == 0 and ending in _ENDINGS):
+        return name
+    return None
+
 
 @torch.compiler.assume_constant_result
 def compiled_alone() -> bool:
-    """Whether the frame Dynamo is compiling is an AdamW's step and nothing else (Note [a step
-    compiled alone]); run when Dynamo traces the step, never in a graph. It takes no argument: an
-    int that differs between two compiles (a handle) would reach it as a symbol."""
+    """Whether the frame Dynamo is compiling does nothing but step an AdamW (Note [a step compiled
+    alone]): it is torch's step wrapper (``torch.compile(opt.step)``) or a function whose body is
+    ``opt.step()``. Run when Dynamo traces the step, never in a graph. It takes no argument: an int
+    that differs between two compiles (a handle) would reach it as a symbol."""
     from torch.optim.optimizer import _global_optimizer_post_hooks, _global_optimizer_pre_hooks
 
     from .optimizer import AdamW
     try:
         from torch._dynamo.symbolic_convert import InstructionTranslator
         frame = InstructionTranslator.current_tx()
-        code, args = frame.f_code, frame.f_locals.get("args")
+        code, frame_locals, frame_globals = frame.f_code, frame.f_locals, frame.f_globals
     except (ImportError, AttributeError, AssertionError):
         return False
-    if code is not _STEP_WRAPPER_CODE or not isinstance(args, tuple) or not args:
-        return False
-    optimizer = args[0]
+    if code is _STEP_WRAPPER_CODE:
+        args = frame_locals.get("args")
+        optimizer = args[0] if isinstance(args, tuple) and args else None
+    else:
+        name = _stepped_by(code)
+        optimizer = None if name is None else frame_locals.get(name, frame_globals.get(name))
     return (isinstance(optimizer, AdamW) and inspect.unwrap(type(optimizer).step) is inspect.unwrap(AdamW.step)
             and not (_global_optimizer_pre_hooks or _global_optimizer_post_hooks
                      or optimizer._optimizer_step_pre_hooks or optimizer._optimizer_step_post_hooks))

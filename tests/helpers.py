@@ -67,20 +67,28 @@ def ours(model: torch.nn.Module, **kwargs) -> AdamW:
     return AdamW(model.parameters(), lr=1e-2, **kwargs)
 
 
-# The two ways a user compiles our step: the step itself, ``torch.compile(opt.step)`` (Note [a step
-# compiled alone]), and a call inside a function of theirs (Note [one opaque step in a user's trace]).
-USERS_COMPILES = ("step-alone", "in-users-function")
+# The ways a user compiles our step: the step itself, ``torch.compile(opt.step)``, and a function
+# whose whole body is ``opt.step()`` (the compiled-optimizer recipe's): both trace no param or grad
+# (Note [a step compiled alone]); and a function of theirs that does more (here it also counts its
+# calls), whose trace takes them all (Note [one opaque step in a user's trace]).
+USERS_COMPILES = ("step-alone", "function-that-only-steps", "users-function")
 
 
 def compiled_by_user(optimizer: torch.optim.Optimizer, how: str, **options):
     """``optimizer.step`` compiled with ``fullgraph=True`` as ``how`` (one of ``USERS_COMPILES``) says."""
     if how == "step-alone":
         return torch.compile(optimizer.step, fullgraph=True, **options)
+    calls = torch.zeros(())
+
+    def function_that_only_steps():
+        optimizer.step()
 
     def users_function():
         optimizer.step()
+        calls.add_(1)
 
-    return torch.compile(users_function, fullgraph=True, **options)
+    return torch.compile(function_that_only_steps if how == "function-that-only-steps" else users_function,
+                         fullgraph=True, **options)
 
 
 def through_disk(obj, **load_kwargs):

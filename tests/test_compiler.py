@@ -276,17 +276,19 @@ def _traced_graph(n_params: int, how: str) -> torch.fx.GraphModule:
 @pytest.mark.parametrize("how", USERS_COMPILES)
 def test_a_users_trace_has_the_same_operations_for_10_and_for_200_params(how):
     """Note [one opaque step in a user's trace]: inside a user's function only the graph's inputs
-    (grads and params) grow; Note [a step compiled alone]: the step compiled on its own traces no
-    param and no grad, so its graph is the same whatever the param count."""
+    (grads and params) grow; Note [a step compiled alone]: the step compiled on its own, or in a
+    function that only steps, traces no param and no grad, so its graph is the same whatever the
+    param count."""
     graphs = [[(node.op, str(node.target)) for node in _traced_graph(n_params, how).graph.nodes]
               for n_params in (10, 200)]
     operations = [[node for node in graph if node[0] not in ("placeholder", "output")] for graph in graphs]
     assert operations[0] == operations[1]
-    op = "compiled_adamw.step_alone" if how == "step-alone" else "compiled_adamw.step"
+    alone = how != "users-function"
+    op = "compiled_adamw.step_alone" if alone else "compiled_adamw.step"
     assert sum(target == op for _, target in operations[0]) == 1
     for n_params, graph in zip((10, 200), graphs):
         inputs = sum(kind == "placeholder" for kind, _ in graph)
-        assert inputs == 2 if how == "step-alone" else inputs >= 2 * n_params  # our vector, our counters
+        assert inputs == 2 if alone else inputs >= 2 * n_params  # alone: our vector, our counters
 
 
 _COMPILER_RUNTIME = ("torch/_dynamo/", "torch/_functorch/", "torch/_inductor/", "torch/_compile.py", "torch/compiler/",
@@ -360,6 +362,69 @@ def test_the_same_compiled_function_sees_the_stepped_params_and_the_grads_it_cha
 # Inside a user's compile, hooks use the params they know: Dynamo cannot read our param_groups
 # (GroupSettings' docstring).
 _PARAMS_OF: dict[torch.optim.Optimizer, list[torch.nn.Parameter]] = {}
+
+
+class _Box:
+    optimizer = None
+
+
+_BOX = _Box()
+
+
+def _steps_a_global():
+    _OPTIMIZER.step()
+
+
+def _returns_the_step():
+    return _OPTIMIZER.step()
+
+
+def _steps_an_argument(optimizer):
+    optimizer.step()
+
+
+def _steps_an_attribute():
+    _BOX.optimizer.step()
+
+
+def _steps_twice():
+    _OPTIMIZER.step()
+    _OPTIMIZER.step()
+
+
+def _steps_with_a_closure():
+    _OPTIMIZER.step(_closure)
+
+
+def _closure():
+    return None
+
+
+_OPTIMIZER = None
+_FUNCTIONS = {_steps_a_global: True, _returns_the_step: True, _steps_an_argument: True, _steps_an_attribute: False,
+              _steps_twice: False, _steps_with_a_closure: False}
+
+
+@pytest.mark.parametrize("function", _FUNCTIONS, ids=lambda function: function.__name__)
+def test_a_function_is_told_to_do_nothing_but_step_from_its_bytecode(function, monkeypatch):
+    """Note [a step compiled alone]: the name loaded, ``step``, a call without arguments and a
+    return are all the function may do; anything else is traced as a user's function."""
+    params = [torch.nn.Parameter(torch.randn(8)) for _ in range(3)]
+    for p in params:
+        p.grad = torch.randn(8)
+    optimizer = AdamW(params, lr=1e-2)
+    monkeypatch.setattr(sys.modules[__name__], "_OPTIMIZER", optimizer)
+    monkeypatch.setattr(_BOX, "optimizer", optimizer)
+    graphs = []
+
+    def keep_graph(graph, example_inputs):
+        graphs.append(graph)
+        return graph.forward
+
+    compiled = torch.compile(function, fullgraph=True, backend=keep_graph)
+    compiled(optimizer) if function is _steps_an_argument else compiled()
+    targets = [str(node.target) for graph in graphs for node in graph.graph.nodes]
+    assert ("compiled_adamw.step_alone" in targets) == _FUNCTIONS[function], targets
 
 
 def _halve_grads(optimizer, args, kwargs):

@@ -194,7 +194,7 @@ def _train_under_fsdp2(rank: int, folder: str) -> dict:
                           for p in model.parameters()]
     # The step inside a user's function: its op gets each rank's local shards.
     model, optimizer = _sharded(**EAGER)
-    compiled_step = compiled_by_user(optimizer, "in-users-function")
+    compiled_step = compiled_by_user(optimizer, "users-function")
     for step in range(STEPS):
         x, y = data(step)
         optimizer.zero_grad()
