@@ -9,8 +9,10 @@ with an empty Inductor cache (so "cold" includes every compile the case needs, o
   first call (cold compile), the second, graphs compiled after the first call, and the steady
   call against our own step called eagerly in the same process (interleaved). The step compiled
   on its own traces no param (Note [a step compiled alone]).
-* ``users-function``: the same, with ``opt.step()`` called inside the user's own
-  ``torch.compile(fullgraph=True)`` function (ours only), whose trace takes every grad and param
+* ``recipe``: the same, with ``opt.step()`` as the whole body of a function compiled with
+  ``fullgraph=True`` (the compiled-optimizer recipe's ``fn``; ours only): also stepped alone.
+* ``users-function``: the same, in a user's ``fullgraph=True`` function that does more than step
+  (here it also counts its calls in a tensor; ours only), whose trace takes every grad and param
   as an input (Note [one opaque step in a user's trace]).
 * ``train-step``: forward, backward, step and zero_grad in one ``torch.compile`` on a small
   transformer (112 param tensors), ours against torch's foreach and fused, each in a fresh
@@ -47,7 +49,7 @@ def _timed(call) -> float:
     return time.perf_counter() - start
 
 
-def tutorial(contender: str, n: int, within_users_function: bool = False) -> dict:
+def tutorial(contender: str, n: int, how: str = "tutorial") -> dict:
     from compiled_adamw import AdamW
     params = [torch.nn.Parameter(torch.randn(1024)) for _ in range(n)]
     if contender == "ours":
@@ -56,13 +58,19 @@ def tutorial(contender: str, n: int, within_users_function: bool = False) -> dic
     else:
         optimizer = torch.optim.AdamW(params, lr=1e-3, foreach=True)
         scheduler = None
-    # torch's step has a deliberate graph break (torch._dynamo.graph_break()): fullgraph fails.
-    compiled = torch.compile(optimizer.step, fullgraph=contender == "ours")
-    if within_users_function:
-        def users_function():
-            optimizer.step()
+    calls_counted = torch.zeros(())
 
-        compiled = torch.compile(users_function, fullgraph=True)
+    def recipe():
+        optimizer.step()
+
+    def users_function():
+        optimizer.step()
+        calls_counted.add_(1)
+
+    # torch's step has a deliberate graph break (torch._dynamo.graph_break()): fullgraph fails.
+    compiled = {"tutorial": lambda: torch.compile(optimizer.step, fullgraph=contender == "ours"),
+                "recipe": lambda: torch.compile(recipe, fullgraph=True),
+                "users-function": lambda: torch.compile(users_function, fullgraph=True)}[how]()
 
     def fresh_grads():
         for p in params:
@@ -135,8 +143,10 @@ def _in_fresh_process(*args: str) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--sizes", type=int, nargs="*", default=list(TUTORIAL_SIZES))
+    parser.add_argument("--recipe-sizes", type=int, nargs="*", default=list(TUTORIAL_SIZES),
+                        help="tensor counts for ours stepped by a function that only steps")
     parser.add_argument("--function-sizes", type=int, nargs="*", default=list(TUTORIAL_SIZES),
-                        help="tensor counts for ours stepped inside a user's function")
+                        help="tensor counts for ours stepped inside a user's function that does more")
     parser.add_argument("--torch-sizes", type=int, nargs="*", default=[10, 100, 1_000],
                         help="tensor counts for torch's compiled AdamW (10,000 takes far longer)")
     parser.add_argument("--out", help="write the results here as JSON")
@@ -144,11 +154,11 @@ def main() -> None:
     args = parser.parse_args()
     if args.child:
         kind, *rest = args.child
-        print(json.dumps(train_step(rest[0]) if kind == "train-step"
-                         else tutorial(rest[0], int(rest[1]), within_users_function=kind == "users-function")))
+        print(json.dumps(train_step(rest[0]) if kind == "train-step" else tutorial(rest[0], int(rest[1]), kind)))
         return
     results = []
     cases = [("tutorial", "ours", n) for n in args.sizes] + [("tutorial", "torch", n) for n in args.torch_sizes]
+    cases += [("recipe", "ours", n) for n in args.recipe_sizes]
     cases += [("users-function", "ours", n) for n in args.function_sizes]
     cases += [("train-step", contender, None) for contender in TRAIN_STEP_CONTENDERS]
     for kind, contender, n in cases:

@@ -583,11 +583,12 @@ def test_cold_first_step_compiles_the_same_graphs_at_1000_and_10000_params(tmp_p
     also in a process whose caches are warm (Note [calls into Inductor's graph]: AOTAutograd's
     cache would hide the graph)."""
     compiled = []
-    for n, cache in ((1_000, "a"), (10_000, "b"), (1_000, "a")):
+    runs = ((1_000, "a"), (10_000, "b")) + (((1_000, "a"),) if how == "eager" else ())  # a warm process once
+    for n, cache in runs:
         env = dict(os.environ, TORCHINDUCTOR_CACHE_DIR=str(tmp_path / cache))
         out = subprocess.run([sys.executable, "-c", COLD_START.format(n=n, alone=how == "step-alone")], env=env,
                              check=True, capture_output=True, text=True).stdout
         compiled.append(json.loads(out.splitlines()[-1]))
     assert compiled[0] == compiled[1]
     assert compiled[0]["graphs"] == (1 if how == "eager" else 2), "one kernel, and the user's graph"
-    assert compiled[0]["direct"] == compiled[2]["direct"] == [True], (compiled[0], compiled[2])
+    assert all(run["direct"] == [True] for run in compiled), compiled
