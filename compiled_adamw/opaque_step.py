@@ -31,17 +31,18 @@ Note [a step compiled alone]: the grads and params are the op's inputs only so t
 the user's graph stays in order with the step. When the frame being compiled does nothing but
 step -- ``torch.compile(opt.step)``, or a function whose whole body is ``opt.step()`` (the
 compiled-optimizer recipe's ``fn``) -- with no step hooks, no closure, and AdamW's own ``step``,
-the graph holds nothing but the step, so nothing in it can read or write a param or a grad: the trace then calls ``compiled_adamw::step_alone``, whose inputs are the packed
-hyperparameters and whose declared writes are the step counters (which keep it from being
-dropped as dead code), and whose body reads the grads where they are when the graph runs, as
-the eager step does. Nothing in the trace walks the params: its size, and the compile's time, do
-not grow with the param count. Which frame is being compiled is read from Dynamo's translator
-(an internal: where it is missing, or the answer is not a clear yes, the step takes the op
-above), and what a function does from its bytecode: the name it loads, ``step``, a call without
-arguments, a return; anything else, or an unknown instruction, takes the op above. A hook registered later changes what Dynamo guarded on (the wrapper's loop over the
-hooks), so the next call compiles again and takes the op above. The op is tagged
-``cudagraph_unsafe``: a CUDA graph replaying it would read the grads where they were when it
-was captured.
+the graph holds nothing but the step, so nothing in it can read or write a param or a grad. The
+trace then calls ``compiled_adamw::step_alone``, whose inputs are the packed hyperparameters,
+whose declared writes are the step counters (which keep it from being dropped as dead code),
+and whose body reads the grads where they are when the graph runs, as the eager step does.
+Nothing in the trace walks the params: its size, and the compile's time, do not grow with the
+param count. Which frame is being compiled is read from Dynamo's translator (an internal: where
+it is missing, or the answer is not a clear yes, the step takes the op above), and what a
+function does from its bytecode: the name it loads, ``step``, a call without arguments, a
+return; anything else, or an instruction not listed, takes the op above. A hook registered
+later changes what Dynamo guarded on (the wrapper's loop over the hooks), so the next call
+compiles again and takes the op above. The op is tagged ``cudagraph_unsafe``: a CUDA graph
+replaying it would read the grads where they were when it was captured.
 """
 
 from __future__ import annotations

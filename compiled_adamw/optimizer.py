@@ -192,12 +192,12 @@ class AdamW(torch.optim.Optimizer):
         scaled, skippable = scaler is not None, getattr(self, "found_inf", None) is not None
         if not tracing:
             self._step_buckets(self._grads(), hyperparameters, scaled, skippable)
-        elif closure is None and compiled_alone():
-            with torch.no_grad():
-                step_alone(self, hyperparameters, scaled, skippable)
         else:
             with torch.no_grad():
-                step_opaquely(self, self._grads(), hyperparameters, scaled, skippable)
+                if closure is None and compiled_alone():
+                    step_alone(self, hyperparameters, scaled, skippable)
+                else:
+                    step_opaquely(self, self._grads(), hyperparameters, scaled, skippable)
         self._clip[0] = None
         return loss
 
