@@ -25,7 +25,10 @@ SCHEDULED_STEPS = 20
 SHAPES = [(4, 3), (5,), (2, 3, 2, 2)]
 
 
-# Each configuration's optimizer options; bfloat16 and several-groups differ in params and groups.
+# Each configuration's optimizer options; bfloat16 and several-groups differ in params and groups;
+# the compiled-* ones in how the step is called: by the user's torch.compile of ``opt.step``
+# (Note [a step compiled alone]) or of a function that also counts its calls (Note [one opaque
+# step in a user's trace]).
 _OPTIONS: dict[str, dict[str, Any]] = {
     "default": {},
     "amsgrad": {"amsgrad": True},
@@ -33,6 +36,8 @@ _OPTIONS: dict[str, dict[str, Any]] = {
     "differentiable": {"differentiable": True, "compile": True},
     "bfloat16": {},
     "several-groups": {},
+    "compiled-alone": {},
+    "compiled-in-a-function": {},
 }
 CONFIGURATIONS = list(_OPTIONS)
 
@@ -63,10 +68,11 @@ def _recording_post_grad_graphs() -> Iterator[list[torch.fx.Graph]]:
 
 
 def _readable(graph: torch.fx.Graph) -> str:
-    """The graph's code without comments (they hold absolute source paths) or blank lines."""
+    """The graph's code without comments (they hold absolute source paths) or blank lines, and with
+    our op's optimizer handle (a count of the optimizers this process made) written as a name."""
     module = torch.fx.GraphModule(torch.nn.Module(), graph)
     code = module.print_readable(print_output=False, include_stride=False, include_device=False)
-    lines = [line.rstrip() for line in code.splitlines()]
+    lines = [re.sub(r"\bhandle = \d+", "handle = HANDLE", line.rstrip()) for line in code.splitlines()]
     return "\n".join(line for line in lines if line.strip() and not line.strip().startswith("#"))
 
 
@@ -86,6 +92,16 @@ def _set_grads(params: list[torch.Tensor], step: int) -> None:
 
 
 def _first_step(name: str, optimizer: AdamW, params: list[torch.Tensor]) -> Callable[[], None]:
+    if name == "compiled-alone":
+        return torch.compile(optimizer.step, fullgraph=True)
+    if name == "compiled-in-a-function":
+        calls = torch.zeros(())
+
+        def users_function() -> None:
+            optimizer.step()
+            calls.add_(1)
+
+        return torch.compile(users_function, fullgraph=True)
     if name != "differentiable":
         return optimizer.step
 
@@ -103,14 +119,17 @@ def record(name: str) -> str:
     optimizer = _optimizer(name, params)
     graphs_before, breaks_before = counters["stats"]["unique_graphs"], sum(counters["graph_break"].values())
     _set_grads(params, 0)
+    first_step = _first_step(name, optimizer, params)
+    later_step = first_step if name.startswith("compiled-") else optimizer.step
     with _recording_post_grad_graphs() as graphs:
-        _, sources = run_and_get_code(_first_step(name, optimizer, params))
+        _, sources = run_and_get_code(first_step)
     compiled = counters["stats"]["unique_graphs"] - graphs_before
     scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=5e-2, total_steps=SCHEDULED_STEPS + 1)
     for step in range(1, SCHEDULED_STEPS + 1):
         _set_grads(params, step)
-        with torch.no_grad() if name != "differentiable" else contextlib.nullcontext():
-            optimizer.step()
+        # A compiled step is called in the grad mode of its first call: Dynamo guards on it.
+        with contextlib.nullcontext() if name == "differentiable" or name.startswith("compiled-") else torch.no_grad():
+            later_step()
         scheduler.step()
     recompiles = counters["stats"]["unique_graphs"] - graphs_before - compiled
     breaks = sum(counters["graph_break"].values()) - breaks_before
