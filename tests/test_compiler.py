@@ -7,6 +7,7 @@ import json
 import os
 import subprocess
 import sys
+import types
 
 import pytest
 import torch
@@ -359,16 +360,7 @@ def test_the_same_compiled_function_sees_the_stepped_params_and_the_grads_it_cha
     torch.testing.assert_close(results[0], results[1], rtol=1e-5, atol=1e-6)
 
 
-# Inside a user's compile, hooks use the params they know: Dynamo cannot read our param_groups
-# (GroupSettings' docstring).
-_PARAMS_OF: dict[torch.optim.Optimizer, list[torch.nn.Parameter]] = {}
-
-
-class _Box:
-    optimizer = None
-
-
-_BOX = _Box()
+_BOX = types.SimpleNamespace(optimizer=None)
 
 
 def _steps_a_global():
@@ -425,6 +417,11 @@ def test_a_function_is_told_to_do_nothing_but_step_from_its_bytecode(function, m
     compiled(optimizer) if function is _steps_an_argument else compiled()
     targets = [str(node.target) for graph in graphs for node in graph.graph.nodes]
     assert ("compiled_adamw.step_alone" in targets) == _FUNCTIONS[function], targets
+
+
+# Inside a user's compile, hooks use the params they know: Dynamo cannot read our param_groups
+# (GroupSettings' docstring).
+_PARAMS_OF: dict[torch.optim.Optimizer, list[torch.nn.Parameter]] = {}
 
 
 def _halve_grads(optimizer, args, kwargs):
