@@ -8,6 +8,7 @@ import os
 import subprocess
 import sys
 import types
+from typing import Any, Callable
 
 import pytest
 import torch
@@ -257,11 +258,15 @@ def test_step_inside_a_users_fullgraph_compile_with_a_scheduler_attached(how):
     torch.testing.assert_close(optimizer.state_dict()["state"], reference.state_dict()["state"])
 
 
-def _traced_graph(n_params: int, how: str) -> torch.fx.GraphModule:
+def _optimizer_with_grads(n_params: int) -> AdamW:
     params = [torch.nn.Parameter(torch.randn(8)) for _ in range(n_params)]
     for p in params:
         p.grad = torch.randn(8)
-    optimizer = AdamW(params, lr=1e-2)
+    return AdamW(params, lr=1e-2)
+
+
+def _traced_graphs(compile_and_call: Callable[[Callable], Any]) -> list[torch.fx.GraphModule]:
+    """The graphs Dynamo hands the backend that ``compile_and_call(backend)`` compiles with."""
     graphs = []
 
     def keep_graph(graph, example_inputs):
@@ -269,8 +274,13 @@ def _traced_graph(n_params: int, how: str) -> torch.fx.GraphModule:
         return graph.forward
 
     with torch._dynamo.config.patch(automatic_dynamic_shapes=False):  # each optimizer's graph as if first
-        compiled_by_user(optimizer, how, backend=keep_graph)()
-    (graph,) = graphs
+        compile_and_call(keep_graph)
+    return graphs
+
+
+def _traced_graph(n_params: int, how: str) -> torch.fx.GraphModule:
+    optimizer = _optimizer_with_grads(n_params)
+    (graph,) = _traced_graphs(lambda backend: compiled_by_user(optimizer, how, backend=backend)())
     return graph
 
 
@@ -401,20 +411,11 @@ _FUNCTIONS = {_steps_a_global: True, _returns_the_step: True, _steps_an_argument
 def test_a_function_is_told_to_do_nothing_but_step_from_its_bytecode(function, monkeypatch):
     """Note [a step compiled alone]: the name loaded, ``step``, a call without arguments and a
     return are all the function may do; anything else is traced as a user's function."""
-    params = [torch.nn.Parameter(torch.randn(8)) for _ in range(3)]
-    for p in params:
-        p.grad = torch.randn(8)
-    optimizer = AdamW(params, lr=1e-2)
+    optimizer = _optimizer_with_grads(3)
     monkeypatch.setattr(sys.modules[__name__], "_OPTIMIZER", optimizer)
     monkeypatch.setattr(_BOX, "optimizer", optimizer)
-    graphs = []
-
-    def keep_graph(graph, example_inputs):
-        graphs.append(graph)
-        return graph.forward
-
-    compiled = torch.compile(function, fullgraph=True, backend=keep_graph)
-    compiled(optimizer) if function is _steps_an_argument else compiled()
+    arguments = (optimizer,) if function is _steps_an_argument else ()
+    graphs = _traced_graphs(lambda backend: torch.compile(function, fullgraph=True, backend=backend)(*arguments))
     targets = [str(node.target) for graph in graphs for node in graph.graph.nodes]
     assert ("compiled_adamw.step_alone" in targets) == _FUNCTIONS[function], targets
 
