@@ -186,7 +186,8 @@ class AdamW(torch.optim.Optimizer):
             return loss
         # A user's compile must not read the groups (GroupSettings' docstring), and traces only
         # what the graph may change: grads and hyperparameters (Note [one opaque step in a
-        # user's trace]).
+        # user's trace]); only the hyperparameters when the graph is the step alone (Note [a step
+        # compiled alone]).
         hyperparameters = [settings.packed(settings.device, scaler) for settings in self._settings]
         # A clip alone multiplies the grads; a GradScaler's found_inf may also skip the step.
         scaled, skippable = scaler is not None, getattr(self, "found_inf", None) is not None
