@@ -8,12 +8,15 @@ with an empty Inductor cache (so "cold" includes every compile the case needs, o
   it runs without fullgraph, with a float lr and no scheduler. Reported: the
   first call (cold compile), the second, graphs compiled after the first call, and the steady
   call against our own step called eagerly in the same process (interleaved). The step compiled
-  on its own traces no param (Note [a step compiled alone]).
+  on its own traces no param (Note [a step alone with the params]).
 * ``recipe``: the same, with ``opt.step()`` as the whole body of a function compiled with
   ``fullgraph=True`` (the compiled-optimizer recipe's ``fn``; ours only): also stepped alone.
 * ``users-function``: the same, in a user's ``fullgraph=True`` function that does more than step
-  (here it also counts its calls in a tensor; ours only), whose trace takes every grad and param
-  as an input (Note [one opaque step in a user's trace]).
+  (here it also counts its calls in a tensor; ours only): also stepped alone, since nothing else
+  in its graph touches a param or a grad.
+* ``clipping-function``: the same, in a user's ``fullgraph=True`` function that clips the grads
+  with ``opt.clip_grad_norm_`` before the step (ours only): its graph reads the grads, so its
+  trace takes every grad and param as an input (Note [one opaque step in a user's trace]).
 * ``train-step``: forward, backward, step and zero_grad in one ``torch.compile`` on a small
   transformer (112 param tensors), ours against torch's foreach and fused, each in a fresh
   process (not interleaved: run it twice).
@@ -67,10 +70,15 @@ def tutorial(contender: str, n: int, how: str = "tutorial") -> dict:
         optimizer.step()
         calls_counted.add_(1)
 
+    def clipping_function():
+        optimizer.clip_grad_norm_(1e3)
+        optimizer.step()
+
     # torch's step has a deliberate graph break (torch._dynamo.graph_break()): fullgraph fails.
     compiled = {"tutorial": lambda: torch.compile(optimizer.step, fullgraph=contender == "ours"),
                 "recipe": lambda: torch.compile(recipe, fullgraph=True),
-                "users-function": lambda: torch.compile(users_function, fullgraph=True)}[how]()
+                "users-function": lambda: torch.compile(users_function, fullgraph=True),
+                "clipping-function": lambda: torch.compile(clipping_function, fullgraph=True)}[how]()
 
     def fresh_grads():
         for p in params:
@@ -147,6 +155,8 @@ def main() -> None:
                         help="tensor counts for ours stepped by a function that only steps")
     parser.add_argument("--function-sizes", type=int, nargs="*", default=list(TUTORIAL_SIZES),
                         help="tensor counts for ours stepped inside a user's function that does more")
+    parser.add_argument("--clipping-sizes", type=int, nargs="*", default=[10, 100, 1_000],
+                        help="tensor counts for ours stepped inside a user's function that clips first")
     parser.add_argument("--torch-sizes", type=int, nargs="*", default=[10, 100, 1_000],
                         help="tensor counts for torch's compiled AdamW (10,000 takes far longer)")
     parser.add_argument("--out", help="write the results here as JSON")
@@ -160,6 +170,7 @@ def main() -> None:
     cases = [("tutorial", "ours", n) for n in args.sizes] + [("tutorial", "torch", n) for n in args.torch_sizes]
     cases += [("recipe", "ours", n) for n in args.recipe_sizes]
     cases += [("users-function", "ours", n) for n in args.function_sizes]
+    cases += [("clipping-function", "ours", n) for n in args.clipping_sizes]
     cases += [("train-step", contender, None) for contender in TRAIN_STEP_CONTENDERS]
     for kind, contender, n in cases:
         row = {"case": kind, "contender": contender, "tensors": n,

@@ -24,35 +24,47 @@ elements, ``torch.compile(opt.step, fullgraph=True)``: 5.6 ms a call through cus
 ms through the library's op, our eager step 1.0-1.2 ms). The body bumps the versions of what it
 wrote itself, as the eager step does (``FlatBucket._count_writes``).
 
+Note [a param the graph wrote before the step]: the op declares the params written, but its body
+steps them where they live. Where the user's graph writes a param before the step, AOTAutograd
+hands the op (or a fence) the written values in memory of its own, and copies them into the param
+only when the graph ends: the step would read the param's old values and the copy would then
+overwrite its result. So the op and the fences compare the data pointers they are given with the
+params' (one C call per list; the last pointers seen are kept, so a step where they agree costs
+nothing more), and where one differs they copy the given values into the param before the step
+and the stepped values back into the given memory after it.
+
 The state buffers are the body's own business, not the graph's: code in the same compiled
 function that reads ``optimizer.state`` sees the values of the step before.
 
-Note [a step compiled alone]: the grads and params are the op's inputs only so that the rest of
-the user's graph stays in order with the step. When the frame being compiled does nothing but
-step -- ``torch.compile(opt.step)``, or a function whose whole body is ``opt.step()`` (the
-compiled-optimizer recipe's ``fn``) -- with no step hooks, no closure, and AdamW's own ``step``,
-the graph holds nothing but the step, so nothing in it can read or write a param or a grad. The
-trace then calls ``compiled_adamw::step_alone``, whose inputs are the packed hyperparameters,
-whose declared writes are the step counters (which keep it from being dropped as dead code),
-and whose body reads the grads where they are when the graph runs, as the eager step does.
-Nothing in the trace walks the params: its size, and the compile's time, do not grow with the
-param count. Which frame is being compiled is read from Dynamo's translator (an internal: where
-it is missing, or the answer is not a clear yes, the step takes the op above), and what a
-function does from its bytecode: the name it loads, ``step``, a call without arguments, a
-return; anything else, or an instruction not listed, takes the op above. A hook registered
-later changes what Dynamo guarded on (the wrapper's loop over the hooks), so the next call
-compiles again and takes the op above. The op is tagged ``cudagraph_unsafe``: a CUDA graph
-replaying it would read the grads where they were when it was captured.
+Note [a step alone with the params]: the grads and params are the op's inputs only so that the
+rest of the user's graph stays in order with the step. Where nothing else in the graph reads or
+writes a param or a grad -- ``torch.compile(opt.step)``, the compiled-optimizer recipe's ``fn``, a
+train step that counts its calls or steps a scheduler -- the trace instead calls
+``compiled_adamw::step_alone``, whose inputs are the packed hyperparameters, whose declared writes
+are the step counters (which keep it from being dropped as dead code), and whose body reads the
+grads where they are when the graph runs, as the eager step does. Nothing in the trace walks the
+params: its size, and the compile's time, do not grow with the param count. Whether anything else
+touches them is known only once the whole graph is traced, so the trace takes ``step_alone``
+first, and a graph finalizer (Dynamo's, an internal) looks at the finished graph's inputs: one
+whose memory overlaps a param's or a grad's storage (the params themselves, ``clip_grad_norm_``'s
+grads, a hook's or a subclass's, an alias of them) makes Dynamo trace the frame again
+(``RestartAnalysis``), and the optimizer remembers the frame's code, so this trace and every later
+one of that code take the op above. So does a ``.grad`` or ``.data`` assignment to a tensor that
+the graph has made before the step, which Dynamo applies only after the graph has run. Where the
+translator or the finalizer is missing (another torch), the step takes the op above. The op is
+tagged ``cudagraph_unsafe``: a CUDA graph replaying it would read the grads where they were when
+it was captured.
 """
 
 from __future__ import annotations
 
-import dis
-import inspect
+import bisect
+import functools
 import itertools
 import types
 import weakref
-from typing import TYPE_CHECKING, Optional
+from collections.abc import Iterable, Iterator
+from typing import TYPE_CHECKING, Any, Optional
 
 import torch
 from torch import Tensor
@@ -62,7 +74,7 @@ from .flat_bucket import memory_of
 if TYPE_CHECKING:
     from .optimizer import AdamW
 
-__all__ = ["compiled_alone", "register", "step_alone", "step_opaquely"]
+__all__ = ["register", "step_alone", "step_opaquely", "traced_alone"]
 
 _optimizers: weakref.WeakValueDictionary[int, AdamW] = weakref.WeakValueDictionary()
 
@@ -94,15 +106,18 @@ FENCE_PARAMS = 256
 _library = torch.library.Library("compiled_adamw", "DEF")
 _library.define("step(int handle, Tensor?[] grads, Tensor(a!)[] params, Tensor(b!)[] steps, "
                 "Tensor[] hyperparameters, Tensor[] fences, bool scaled, bool skippable) -> ()")
-_library.define("written(Tensor(a!)[] params, Tensor[] after) -> Tensor")
+_library.define("written(int handle, int first, Tensor(a!)[] params, Tensor[] after) -> Tensor")
 _library.define("step_alone(int handle, Tensor(a!)[] steps, Tensor[] hyperparameters, bool scaled, "
                 "bool skippable) -> ()", tags=(torch.Tag.cudagraph_unsafe,))
 
 
 def _step(handle: int, grads: list[Optional[Tensor]], params: list[Tensor], steps: list[Tensor],
           hyperparameters: list[Tensor], fences: list[Tensor], scaled: bool, skippable: bool) -> None:
+    optimizer = _optimizers[handle]
     with torch._C._ForceDispatchKeyGuard(*_EAGER_DISPATCH_KEYS):
-        _optimizers[handle]._step_buckets(grads, hyperparameters, scaled, skippable)
+        _as_the_graph_has_them(optimizer, 0, params, into_params=True)
+        optimizer._step_buckets(grads, hyperparameters, scaled, skippable)
+        _as_the_graph_has_them(optimizer, 0, params, into_params=False)
 
 
 def _step_alone(handle: int, steps: list[Tensor], hyperparameters: list[Tensor], scaled: bool,
@@ -112,9 +127,26 @@ def _step_alone(handle: int, steps: list[Tensor], hyperparameters: list[Tensor],
         optimizer._step_buckets(optimizer._grads(), hyperparameters, scaled, skippable)
 
 
-def _written(params: list[Tensor], after: list[Tensor]) -> Tensor:
-    """Declares ``params`` written (Note [fences for many params]); returns a token."""
+def _written(handle: int, first: int, params: list[Tensor], after: list[Tensor]) -> Tensor:
+    """Declares ``params`` (from the ``first``) written (Note [fences for many params]); returns a
+    token."""
+    with torch._C._ForceDispatchKeyGuard(*_EAGER_DISPATCH_KEYS):
+        _as_the_graph_has_them(_optimizers[handle], first, params, into_params=not after)
     return torch.empty(0)
+
+
+def _as_the_graph_has_them(optimizer: AdamW, first: int, given: list[Tensor], *, into_params: bool) -> None:
+    """Note [a param the graph wrote before the step]: ``given`` are the params from the ``first``,
+    as the op declaring them written received them. Where one is not the param's memory, copies its
+    values into the param (``into_params``, before the step) or the param's into it (after)."""
+    pointers = list(map(Tensor.data_ptr, given))
+    if pointers == optimizer._traced_param_pointers[first : first + len(given)]:
+        return
+    memories = [memory_of(p) for group in optimizer._buckets for bucket in group for p in bucket.params]
+    optimizer._traced_param_pointers = list(map(Tensor.data_ptr, memories))
+    for value, memory in zip(given, memories[first:]):
+        if value.data_ptr() != memory.data_ptr():
+            (memory if into_params else value).copy_(value if into_params else memory)
 
 
 _library.impl("step", _step, "CompositeExplicitAutograd")
@@ -122,7 +154,7 @@ _library.impl("written", _written, "CompositeExplicitAutograd")
 _library.impl("step_alone", _step_alone, "CompositeExplicitAutograd")
 torch.library.register_fake("compiled_adamw::step", lambda *args: None, lib=_library)
 torch.library.register_fake("compiled_adamw::step_alone", lambda *args: None, lib=_library)
-torch.library.register_fake("compiled_adamw::written", lambda params, after: torch.empty(0), lib=_library)
+torch.library.register_fake("compiled_adamw::written", lambda *args: torch.empty(0), lib=_library)
 
 
 def step_opaquely(optimizer: AdamW, grads: list[Tensor | None], hyperparameters: list[Tensor],
@@ -136,65 +168,104 @@ def step_opaquely(optimizer: AdamW, grads: list[Tensor | None], hyperparameters:
     params = [memory_of(p) for bucket in buckets for p in bucket.params]
     steps = [bucket.steps for bucket in buckets]
     slices = [params[i : i + FENCE_PARAMS] for i in range(FENCE_PARAMS, len(params), FENCE_PARAMS)]
-    fences = [torch.ops.compiled_adamw.written(written, []) for written in slices]
-    torch.ops.compiled_adamw.step(optimizer._handle, grads, params[:FENCE_PARAMS], steps, hyperparameters, fences,
-                                  scaled, skippable)
-    for written in slices:
-        torch.ops.compiled_adamw.written(written, steps)
+    handle = optimizer._handle
+    fences = [torch.ops.compiled_adamw.written(handle, (i + 1) * FENCE_PARAMS, written, [])
+              for i, written in enumerate(slices)]
+    torch.ops.compiled_adamw.step(handle, grads, params[:FENCE_PARAMS], steps, hyperparameters, fences, scaled,
+                                  skippable)
+    for i, written in enumerate(slices):
+        torch.ops.compiled_adamw.written(handle, (i + 1) * FENCE_PARAMS, written, steps)
 
 
-_STEP_WRAPPER_CODE = torch.optim.Optimizer.profile_hook_step(lambda: None).__code__
-
-# The bytecode of a function whose whole body is ``name.step()`` or ``return name.step()``, as
-# Python 3.10-3.13 compile it, leaving out what does nothing: the name, ``step``, a call without
-# arguments, and one of these endings.
-_INERT = frozenset({"RESUME", "NOP", "CACHE", "COPY_FREE_VARS", "MAKE_CELL", "PUSH_NULL", "PRECALL", "EXTENDED_ARG"})
-_NAME_LOADS = frozenset({"LOAD_GLOBAL", "LOAD_DEREF", "LOAD_FAST", "LOAD_NAME", "LOAD_CLASSDEREF"})
-_CALLS = frozenset({"CALL", "CALL_METHOD", "CALL_FUNCTION"})
-_ENDINGS = ([("POP_TOP", None), ("LOAD_CONST", None), ("RETURN_VALUE", None)],
-            [("POP_TOP", None), ("RETURN_CONST", None)], [("RETURN_VALUE", None)])
-
-
-def _stepped_by(code: types.CodeType) -> Optional[str]:
-    """The name whose ``step()`` is all the function of ``code`` does (``def fn(): opt.step()``,
-    the compiled-optimizer recipe's), or None."""
-    operations = [(i.opname, i.argval) for i in dis.get_instructions(code) if i.opname not in _INERT]
-    if len(operations) < 4:
-        return None
-    (load, name), (get_attribute, attribute), (call, arguments), *ending = operations
-    if (load in _NAME_LOADS and get_attribute in ("LOAD_METHOD", "LOAD_ATTR") and attribute == "step"
-            and call in _CALLS and arguments == 0 and ending in _ENDINGS):
-        return name
-    return None
+def traced_alone(optimizer: AdamW) -> bool:
+    """Whether ``optimizer``'s step being traced can take ``step_alone`` (Note [a step alone with
+    the params]): asked once per step traced, and checked again when the graph is finished."""
+    return _trace_alone(optimizer._handle_name)
 
 
 @torch.compiler.assume_constant_result
-def compiled_alone() -> bool:
-    """Whether the frame Dynamo is compiling does nothing but step an AdamW (Note [a step compiled
-    alone]): it is torch's step wrapper (``torch.compile(opt.step)``) or a function whose body is
-    ``opt.step()``. Run when Dynamo traces the step, never in a graph. It takes no argument: an int
-    that differs between two compiles (a handle) would reach it as a symbol."""
-    from torch.optim.optimizer import _global_optimizer_post_hooks, _global_optimizer_pre_hooks
-
-    from .optimizer import AdamW
+def _trace_alone(handle_name: str) -> bool:
+    """``traced_alone``, run when Dynamo traces the step, never in a graph. It takes the handle as
+    a string: an int that differs between two compiles would reach it as a symbol."""
+    optimizer = _optimizers[int(handle_name)]
     try:
         from torch._dynamo.symbolic_convert import InstructionTranslator
-        frame = InstructionTranslator.current_tx()
-        code, frame_locals, frame_globals = frame.f_code, frame.f_locals, frame.f_globals
+        from torch._dynamo.variables.tensor import TensorVariable
+        tracer = InstructionTranslator.current_tx()
+        code, output, speculations = tracer.f_code, tracer.output, tracer.speculation_log
+        pending = output.side_effects.store_attr_mutations
+        finish = output.add_graph_finalizer
     except (ImportError, AttributeError, AssertionError):
         return False
-    if code is _STEP_WRAPPER_CODE:
-        args = frame_locals.get("args")
-        optimizer = args[0] if isinstance(args, tuple) and args else None
-    else:
-        name = _stepped_by(code)
-        optimizer = None if name is None else frame_locals.get(name, frame_globals.get(name))
-    return (isinstance(optimizer, AdamW) and inspect.unwrap(type(optimizer).step) is inspect.unwrap(AdamW.step)
-            and not (_global_optimizer_pre_hooks or _global_optimizer_post_hooks
-                     or optimizer._optimizer_step_pre_hooks or optimizer._optimizer_step_post_hooks))
+    if code in optimizer._traced_with_others or any(isinstance(variable, TensorVariable) for variable in pending):
+        return False
+    finish(functools.partial(_unless_touched, weakref.ref(optimizer), code, speculations))
+    return True
+
+
+def _unless_touched(optimizer_ref: weakref.ref, code: types.CodeType, speculations: Any,
+                    graph: torch.fx.GraphModule) -> None:
+    """A graph finalizer: traces ``code`` again, with the op that takes the params and grads, if
+    anything in ``graph`` besides ``step_alone`` reads or writes them."""
+    optimizer = optimizer_ref()
+    if optimizer is None:
+        return
+    spans = _Spans(tensor for bucket in (bucket for group in optimizer._buckets for bucket in group) for p in bucket.params
+                   for tensor in (p, p.grad) if tensor is not None)
+    if any(spans.overlap(value) for value in _graph_inputs(graph)):
+        optimizer._traced_with_others.add(code)
+        speculations.clear()  # the next trace steps differently from here
+        raise torch._dynamo.exc.RestartAnalysis(
+            restart_reason="compiled_adamw: the graph reads or writes params or grads besides the step")
+
+
+def _graph_inputs(graph: torch.fx.GraphModule) -> Iterator[object]:
+    """The real values behind the inputs of a graph Dynamo traced."""
+    for node in graph.graph.nodes:
+        if node.op == "placeholder":
+            grapharg = node.meta.get("grapharg")
+            yield grapharg.example if grapharg is not None else _UNKNOWN
+        elif node.op == "get_attr":
+            yield functools.reduce(getattr, node.target.split("."), graph)
+
+
+_UNKNOWN = object()
+
+
+class _Spans:
+    """The memory of some tensors' storages, as sorted, disjoint address ranges."""
+
+    def __init__(self, tensors: Iterable[Tensor]):
+        merged: list[list[int]] = []
+        for start, end in sorted(_storage_span(memory_of(tensor)) for tensor in tensors):
+            if merged and start <= merged[-1][1]:
+                merged[-1][1] = max(merged[-1][1], end)
+            elif end > start:
+                merged.append([start, end])
+        self.starts, self.ends = [start for start, _ in merged], [end for _, end in merged]
+
+    def overlap(self, value: object) -> bool:
+        """Whether ``value`` may share memory with these tensors (an input not known to be a plain
+        tensor may)."""
+        if isinstance(value, (int, float, bool, str, torch.SymInt, torch.SymFloat, torch.SymBool, torch.nn.Module)):
+            return False
+        if not isinstance(value, Tensor):
+            return True
+        try:
+            start, end = _storage_span(memory_of(value))
+        except RuntimeError:  # a tensor subclass without a storage of its own
+            return True
+        before_end = bisect.bisect_left(self.starts, end)
+        return before_end > 0 and self.ends[before_end - 1] > start
+
+
+def _storage_span(tensor: Tensor) -> tuple[int, int]:
+    storage = tensor.untyped_storage()
+    return storage.data_ptr(), storage.data_ptr() + storage.nbytes()
 
 
 def step_alone(optimizer: AdamW, hyperparameters: list[Tensor], scaled: bool, skippable: bool) -> None:
-    """The step as the whole of a user's trace (Note [a step compiled alone])."""
+    """The step as the graph's only user of the params and grads (Note [a step alone with the
+    params])."""
     steps = [bucket.steps for group in optimizer._buckets for bucket in group]
     torch.ops.compiled_adamw.step_alone(optimizer._handle, steps, hyperparameters, scaled, skippable)

@@ -11,7 +11,9 @@ from __future__ import annotations
 import itertools
 import math
 import operator
+import types
 import warnings
+import weakref
 from collections import defaultdict
 from typing import Any, Callable, Iterable
 
@@ -23,7 +25,7 @@ from .functional import group_key, step_together
 from .hyperparameters import (GROUP_KEYS, OPTIONAL_DEFAULTS, SCALAR_NAMES, GroupSettings, ParamGroup, check_value,
                               group_value)
 from .kernels import differentiable_kernel, update_kernel
-from .opaque_step import compiled_alone, register, step_alone, step_opaquely
+from .opaque_step import register, step_alone, step_opaquely, traced_alone
 
 __all__ = ["AdamW"]
 
@@ -97,7 +99,7 @@ class AdamW(torch.optim.Optimizer):
         self._buckets: list[list[FlatBucket]] = []
         self._step_called = [False]
         self._clip: list[Tensor | None] = [None]  # Note [clipping inside the step]
-        self._handle = register(self)  # Note [one opaque step in a user's trace]
+        self._register_for_traces()
         super().__init__(params, defaults)
 
     # ---- groups -------------------------------------------------------------------------------
@@ -159,11 +161,21 @@ class AdamW(torch.optim.Optimizer):
     def _rebuild(self) -> None:
         groups, state = self.param_groups, self.state
         self.param_groups, self.state, self._settings, self._buckets = [], defaultdict(dict), [], []
-        self._step_called, self._clip, self._handle = [False], [None], register(self)
+        self._step_called, self._clip = [False], [None]
+        self._register_for_traces()
         for group in groups:
             self.add_param_group(group)
         self.state.update(state)
         self._load_state_into_buckets()
+
+    def _register_for_traces(self) -> None:
+        """What a user's trace finds this optimizer by (Note [one opaque step in a user's trace]),
+        and the frames traced with the op that takes the params (Note [a step alone with the
+        params])."""
+        self._handle = register(self)
+        self._handle_name = str(self._handle)
+        self._traced_with_others: weakref.WeakSet[types.CodeType] = weakref.WeakSet()
+        self._traced_param_pointers: list[int] = []  # Note [a param the graph wrote before the step]
 
     # ---- the step -----------------------------------------------------------------------------
 
@@ -186,8 +198,8 @@ class AdamW(torch.optim.Optimizer):
             return loss
         # A user's compile must not read the groups (GroupSettings' docstring), and traces only
         # what the graph may change: grads and hyperparameters (Note [one opaque step in a
-        # user's trace]); only the hyperparameters when the graph is the step alone (Note [a step
-        # compiled alone]).
+        # user's trace]); only the hyperparameters when nothing else in the graph touches the
+        # params or grads (Note [a step alone with the params]).
         hyperparameters = [settings.packed(settings.device, scaler) for settings in self._settings]
         # A clip alone multiplies the grads; a GradScaler's found_inf may also skip the step.
         scaled, skippable = scaler is not None, getattr(self, "found_inf", None) is not None
@@ -195,7 +207,7 @@ class AdamW(torch.optim.Optimizer):
             self._step_buckets(self._grads(), hyperparameters, scaled, skippable)
         else:
             with torch.no_grad():
-                if closure is None and compiled_alone():
+                if closure is None and traced_alone(self):
                     step_alone(self, hyperparameters, scaled, skippable)
                 else:
                     step_opaquely(self, self._grads(), hyperparameters, scaled, skippable)

@@ -67,11 +67,12 @@ def ours(model: torch.nn.Module, **kwargs) -> AdamW:
     return AdamW(model.parameters(), lr=1e-2, **kwargs)
 
 
-# The ways a user compiles our step: the step itself, ``torch.compile(opt.step)``, and a function
-# whose whole body is ``opt.step()`` (the compiled-optimizer recipe's): both trace no param or grad
-# (Note [a step compiled alone]); and a function of theirs that does more (here it also counts its
-# calls), whose trace takes them all (Note [one opaque step in a user's trace]).
-USERS_COMPILES = ("step-alone", "function-that-only-steps", "users-function")
+# The ways a user compiles our step: the step itself, ``torch.compile(opt.step)``; a function
+# whose whole body is ``opt.step()`` (the compiled-optimizer recipe's); a function of theirs that
+# does more (here it also counts its calls): all three trace no param or grad (Note [a step alone
+# with the params]); and a function that also reads the grads (their norms), whose trace takes
+# them all (Note [one opaque step in a user's trace]).
+USERS_COMPILES = ("step-alone", "function-that-only-steps", "users-function", "function-that-reads-grads")
 
 
 def compiled_by_user(optimizer: torch.optim.Optimizer, how: str, **options):
@@ -79,6 +80,7 @@ def compiled_by_user(optimizer: torch.optim.Optimizer, how: str, **options):
     if how == "step-alone":
         return torch.compile(optimizer.step, fullgraph=True, **options)
     calls = torch.zeros(())
+    params = [p for group in optimizer.param_groups for p in group["params"]]
 
     def function_that_only_steps():
         optimizer.step()
@@ -87,8 +89,14 @@ def compiled_by_user(optimizer: torch.optim.Optimizer, how: str, **options):
         optimizer.step()
         calls.add_(1)
 
-    return torch.compile(function_that_only_steps if how == "function-that-only-steps" else users_function,
-                         fullgraph=True, **options)
+    def function_that_reads_grads():
+        grad_norm = torch.stack(torch._foreach_norm([p.grad for p in params if p.grad is not None])).norm()
+        optimizer.step()
+        return grad_norm
+
+    functions = {"function-that-only-steps": function_that_only_steps, "users-function": users_function,
+                 "function-that-reads-grads": function_that_reads_grads}
+    return torch.compile(functions[how], fullgraph=True, **options)
 
 
 def through_disk(obj, **load_kwargs):

@@ -143,7 +143,7 @@ def test_unscale_clip_step_with_a_grad_scaler_and_an_overflow_matches_torch(dtyp
 def test_clip_and_step_inside_a_users_fullgraph_compile(clipped_where):
     """The coefficient reaches the step as a graph input either way: computed in the user's graph,
     or pending from an eager ``clip_grad_norm_`` when ``torch.compile(opt.step)`` runs (Note [a
-    step compiled alone])."""
+    step alone with the params])."""
     model, twin = model_and_twin()
     optimizer, reference = AdamW(model.parameters(), lr=1e-2), torch.optim.AdamW(twin.parameters(), lr=1e-2)
 

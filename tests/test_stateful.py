@@ -90,7 +90,7 @@ class OursAgainstTorch(RuleBasedStateMachine):
     def step(self, present: int, compiled_by_the_user: bool) -> None:
         """A fresh grad for the params whose bit is set in ``present``; the others keep theirs.
         ``compiled_by_the_user``: ours steps through ``torch.compile(opt.step, fullgraph=True)``
-        (Note [a step compiled alone])."""
+        (Note [a step alone with the params])."""
         grads = [_tensor(p.shape, p.dtype, self.generator) if present >> i & 1 else None
                  for i, p in enumerate(self.params["ours"])]
         for side in SIDES:
