@@ -210,9 +210,11 @@ def _unless_touched(optimizer_ref: weakref.ref, code: types.CodeType, speculatio
     optimizer = optimizer_ref()
     if optimizer is None:
         return
-    spans = _Spans(tensor for bucket in (bucket for group in optimizer._buckets for bucket in group) for p in bucket.params
-                   for tensor in (p, p.grad) if tensor is not None)
-    if any(spans.overlap(value) for value in _graph_inputs(graph)):
+    with torch.no_grad():  # memory_of's condition
+        spans = _Spans(tensor for group in optimizer._buckets for bucket in group for p in bucket.params
+                       for tensor in (p, p.grad) if tensor is not None)
+        touched = any(spans.overlap(value) for value in _graph_inputs(graph))
+    if touched:
         optimizer._traced_with_others.add(code)
         speculations.clear()  # the next trace steps differently from here
         raise torch._dynamo.exc.RestartAnalysis(
@@ -253,7 +255,7 @@ class _Spans:
             return True
         try:
             start, end = _storage_span(memory_of(value))
-        except RuntimeError:  # a tensor subclass without a storage of its own
+        except (RuntimeError, NotImplementedError, TypeError):  # a tensor subclass without a storage
             return True
         before_end = bisect.bisect_left(self.starts, end)
         return before_end > 0 and self.ends[before_end - 1] > start

@@ -380,6 +380,15 @@ def _averages_the_stepped_params(optimizer, params, tensors):
         average.lerp_(p.detach(), 0.5)
 
 
+def _averages_across_a_graph_break(optimizer, params, tensors):
+    optimizer.step()
+    for average, p in zip(tensors["averages"], params):
+        average.lerp_(p.detach(), 0.5)
+    torch._dynamo.graph_break()  # the step's graph is compiled here, not at the return
+    for average, p in zip(tensors["averages"], params):
+        average.lerp_(p.detach(), 0.5)
+
+
 def _shrinks_params_first(optimizer, params, tensors):
     params[0].detach().mul_(0.5)  # one the step's op declares written, and one a fence does
     params[-1].detach().mul_(0.5)
@@ -408,7 +417,8 @@ def _counts_and_reads_the_lr(optimizer, params, tensors):
 
 
 # Each user's function, and whether its trace may take ``step_alone``.
-_USERS_FUNCTIONS = {_clips_the_grads: False, _averages_the_stepped_params: False, _shrinks_params_first: False,
+_USERS_FUNCTIONS = {_clips_the_grads: False, _averages_the_stepped_params: False,
+                    _averages_across_a_graph_break: False, _shrinks_params_first: False,
                     _halves_an_alias_of_a_grad: False, _assigns_the_grads: False, _drops_a_grad_first: False,
                     _counts_and_reads_the_lr: True}
 
@@ -436,7 +446,9 @@ def test_a_users_function_that_touches_params_or_grads_is_traced_with_them(funct
             ops.extend(str(node.target) for node in graph.graph.nodes if "compiled_adamw" in str(node.target))
             return compile_fx(graph, example_inputs)
 
-        step = torch.compile(users_step, fullgraph=True, backend=keep_ops) if optimizer_class is AdamW else users_step
+        fullgraph = function is not _averages_across_a_graph_break
+        step = (torch.compile(users_step, fullgraph=fullgraph, backend=keep_ops) if optimizer_class is AdamW
+                else users_step)
         for i in range(3):
             x, y = batch(i)
             optimizer.zero_grad()
