@@ -7,7 +7,7 @@ with an empty Inductor cache (so "cold" includes every compile the case needs, o
   purpose, and the scheduler's wrapper of ``opt.step`` is in a file Dynamo refuses to trace), so
   it runs without fullgraph, with a float lr and no scheduler. Reported: the
   first call (cold compile), the second, graphs compiled after the first call, and the steady
-  call against our own step called eagerly in the same process (interleaved). The step compiled
+  call against the same function called eagerly in the same process (interleaved). The step compiled
   on its own traces no param (Note [a step alone with the params]).
 * ``recipe``: the same, with ``opt.step()`` as the whole body of a function compiled with
   ``fullgraph=True`` (the compiled-optimizer recipe's ``fn``; ours only): also stepped alone.
@@ -15,8 +15,11 @@ with an empty Inductor cache (so "cold" includes every compile the case needs, o
   (here it also counts its calls in a tensor; ours only): also stepped alone, since nothing else
   in its graph touches a param or a grad.
 * ``clipping-function``: the same, in a user's ``fullgraph=True`` function that clips the grads
-  with ``opt.clip_grad_norm_`` before the step (ours only): its graph reads the grads, so its
-  trace takes every grad and param as an input (Note [one opaque step in a user's trace]).
+  with ``opt.clip_grad_norm_`` before the step (ours only): the norm is an op that reads the grads
+  where they are, as the step's does, so this too traces no param.
+* ``torch-clipping-function``: the same, clipping with torch's ``clip_grad_norm_`` (ours only):
+  its graph reads and writes the grads, so its trace takes every grad and param as an input (Note
+  [one opaque step in a user's trace]), after a first trace that found them touched.
 * ``train-step``: forward, backward, step and zero_grad in one ``torch.compile`` on a small
   transformer (112 param tensors), ours against torch's foreach and fused, each in a fresh
   process (not interleaved: run it twice).
@@ -74,11 +77,14 @@ def tutorial(contender: str, n: int, how: str = "tutorial") -> dict:
         optimizer.clip_grad_norm_(1e3)
         optimizer.step()
 
+    def torch_clipping_function():
+        torch.nn.utils.clip_grad_norm_(params, 1e3)
+        optimizer.step()
+
+    uncompiled = {"tutorial": optimizer.step, "recipe": recipe, "users-function": users_function,
+                  "clipping-function": clipping_function, "torch-clipping-function": torch_clipping_function}[how]
     # torch's step has a deliberate graph break (torch._dynamo.graph_break()): fullgraph fails.
-    compiled = {"tutorial": lambda: torch.compile(optimizer.step, fullgraph=contender == "ours"),
-                "recipe": lambda: torch.compile(recipe, fullgraph=True),
-                "users-function": lambda: torch.compile(users_function, fullgraph=True),
-                "clipping-function": lambda: torch.compile(clipping_function, fullgraph=True)}[how]()
+    compiled = torch.compile(uncompiled, fullgraph=contender == "ours")
 
     def fresh_grads():
         for p in params:
@@ -94,7 +100,7 @@ def tutorial(contender: str, n: int, how: str = "tutorial") -> dict:
             graphs_after_first = _graphs()
         if call >= 2 and contender == "ours":
             fresh_grads()
-            eager.append(_timed(optimizer.step))
+            eager.append(_timed(uncompiled))
     steady = statistics.median(calls[2:])
     return dict(cold_s=calls[0], second_s=calls[1], recompiles=_graphs() - graphs_after_first,
                 steady_ms=steady * 1e3,
@@ -155,8 +161,10 @@ def main() -> None:
                         help="tensor counts for ours stepped by a function that only steps")
     parser.add_argument("--function-sizes", type=int, nargs="*", default=list(TUTORIAL_SIZES),
                         help="tensor counts for ours stepped inside a user's function that does more")
-    parser.add_argument("--clipping-sizes", type=int, nargs="*", default=[10, 100, 1_000],
+    parser.add_argument("--clipping-sizes", type=int, nargs="*", default=list(TUTORIAL_SIZES),
                         help="tensor counts for ours stepped inside a user's function that clips first")
+    parser.add_argument("--torch-clipping-sizes", type=int, nargs="*", default=[10, 100, 1_000],
+                        help="tensor counts for ours stepped inside a function that clips with torch's")
     parser.add_argument("--torch-sizes", type=int, nargs="*", default=[10, 100, 1_000],
                         help="tensor counts for torch's compiled AdamW (10,000 takes far longer)")
     parser.add_argument("--out", help="write the results here as JSON")
@@ -171,6 +179,7 @@ def main() -> None:
     cases += [("recipe", "ours", n) for n in args.recipe_sizes]
     cases += [("users-function", "ours", n) for n in args.function_sizes]
     cases += [("clipping-function", "ours", n) for n in args.clipping_sizes]
+    cases += [("torch-clipping-function", "ours", n) for n in args.torch_clipping_sizes]
     cases += [("train-step", contender, None) for contender in TRAIN_STEP_CONTENDERS]
     for kind, contender, n in cases:
         row = {"case": kind, "contender": contender, "tensors": n,

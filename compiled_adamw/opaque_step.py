@@ -74,7 +74,7 @@ from .flat_bucket import memory_of
 if TYPE_CHECKING:
     from .optimizer import AdamW
 
-__all__ = ["register", "step_alone", "step_opaquely", "traced_alone"]
+__all__ = ["grad_norm_alone", "register", "step_alone", "step_opaquely", "traced_alone"]
 
 _optimizers: weakref.WeakValueDictionary[int, AdamW] = weakref.WeakValueDictionary()
 
@@ -109,6 +109,8 @@ _library.define("step(int handle, Tensor?[] grads, Tensor(a!)[] params, Tensor(b
 _library.define("written(int handle, int first, Tensor(a!)[] params, Tensor[] after) -> Tensor")
 _library.define("step_alone(int handle, Tensor(a!)[] steps, Tensor[] hyperparameters, bool scaled, "
                 "bool skippable) -> ()", tags=(torch.Tag.cudagraph_unsafe,))
+_library.define("grad_norm(int handle, float norm_type, bool error_if_nonfinite, ScalarType dtype, Device device) "
+                "-> Tensor", tags=(torch.Tag.cudagraph_unsafe,))
 
 
 def _step(handle: int, grads: list[Optional[Tensor]], params: list[Tensor], steps: list[Tensor],
@@ -125,6 +127,13 @@ def _step_alone(handle: int, steps: list[Tensor], hyperparameters: list[Tensor],
     optimizer = _optimizers[handle]
     with torch._C._ForceDispatchKeyGuard(*_EAGER_DISPATCH_KEYS):
         optimizer._step_buckets(optimizer._grads(), hyperparameters, scaled, skippable)
+
+
+def _grad_norm(handle: int, norm_type: float, error_if_nonfinite: bool, dtype: torch.dtype,
+               device: torch.device) -> Tensor:
+    with torch._C._ForceDispatchKeyGuard(*_EAGER_DISPATCH_KEYS):
+        total = _optimizers[handle]._total_grad_norm(norm_type, error_if_nonfinite)
+    return total.to(dtype=dtype, device=device, copy=True)
 
 
 def _written(handle: int, first: int, params: list[Tensor], after: list[Tensor]) -> Tensor:
@@ -152,8 +161,11 @@ def _as_the_graph_has_them(optimizer: AdamW, first: int, given: list[Tensor], *,
 _library.impl("step", _step, "CompositeExplicitAutograd")
 _library.impl("written", _written, "CompositeExplicitAutograd")
 _library.impl("step_alone", _step_alone, "CompositeExplicitAutograd")
+_library.impl("grad_norm", _grad_norm, "CompositeExplicitAutograd")
 torch.library.register_fake("compiled_adamw::step", lambda *args: None, lib=_library)
 torch.library.register_fake("compiled_adamw::step_alone", lambda *args: None, lib=_library)
+torch.library.register_fake("compiled_adamw::grad_norm", lambda handle, norm_type, error_if_nonfinite, dtype, device:
+                            torch.empty((), dtype=dtype, device=device), lib=_library)
 torch.library.register_fake("compiled_adamw::written", lambda *args: torch.empty(0), lib=_library)
 
 
@@ -271,3 +283,24 @@ def step_alone(optimizer: AdamW, hyperparameters: list[Tensor], scaled: bool, sk
     params])."""
     steps = [bucket.steps for group in optimizer._buckets for bucket in group]
     torch.ops.compiled_adamw.step_alone(optimizer._handle, steps, hyperparameters, scaled, skippable)
+
+
+def grad_norm_alone(optimizer: AdamW, norm_type: float, error_if_nonfinite: bool) -> Tensor:
+    """``optimizer.clip_grad_norm_``'s total norm as an op of a graph that touches no param or grad
+    besides our ops (Note [a step alone with the params])."""
+    dtype, device = _norm_like(optimizer._handle_name)
+    return torch.ops.compiled_adamw.grad_norm(optimizer._handle, norm_type, error_if_nonfinite, getattr(torch, dtype),
+                                              torch.device(device))
+
+
+@torch.compiler.assume_constant_result
+def _norm_like(handle_name: str) -> tuple[str, str]:
+    """The dtype and device of the grads' total norm as the grads are now (``get_total_norm``
+    promotes the grads' dtypes; it leaves the norm on the first grad's device), by name; run when
+    Dynamo traces, never in a graph."""
+    optimizer = _optimizers[int(handle_name)]
+    with torch.no_grad():
+        grads = [memory_of(p.grad) for settings in optimizer._settings for p in settings.params if p.grad is not None]
+    if not grads:
+        return str(torch.get_default_dtype()).removeprefix("torch."), "cpu"
+    return str(functools.reduce(torch.promote_types, {g.dtype for g in grads})).removeprefix("torch."), str(grads[0].device)

@@ -25,7 +25,7 @@ from .functional import group_key, step_together
 from .hyperparameters import (GROUP_KEYS, OPTIONAL_DEFAULTS, SCALAR_NAMES, GroupSettings, ParamGroup, check_value,
                               group_value)
 from .kernels import differentiable_kernel, update_kernel
-from .opaque_step import register, step_alone, step_opaquely, traced_alone
+from .opaque_step import grad_norm_alone, register, step_alone, step_opaquely, traced_alone
 
 __all__ = ["AdamW"]
 
@@ -278,13 +278,19 @@ class AdamW(torch.optim.Optimizer):
         ``torch.nn.utils.clip_grad_norm_`` does. Call it right before ``step()``; with a GradScaler,
         after ``scaler.unscale_(optimizer)``, so that the norm is the unscaled grads'.
         ``error_if_nonfinite=True`` reads the norm on the host to raise, as torch's does."""
+        if torch.compiler.is_compiling() and not self.differentiable and traced_alone(self):
+            total = grad_norm_alone(self, float(norm_type), error_if_nonfinite)
+        else:
+            total = self._total_grad_norm(norm_type, error_if_nonfinite)
+        self._clip[0] = torch.clamp(max_norm / (total + 1e-6), max=1.0).detach()
+        return total
+
+    def _total_grad_norm(self, norm_type: float, error_if_nonfinite: bool) -> Tensor:
+        """The total ``norm_type``-norm of the params' grads, as ``clip_grad_norm_`` returns it."""
         grads = [_grad_of(p) for settings in self._settings for p in settings.params]
         grads = [grad for grad in grads if grad is not None]
         total = torch.nn.utils.get_total_norm(grads, norm_type, error_if_nonfinite)
-        if is_sharded(total):
-            total = total.full_tensor()
-        self._clip[0] = torch.clamp(max_norm / (total + 1e-6), max=1.0).detach()
-        return total
+        return total.full_tensor() if is_sharded(total) else total
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         self._clip[0] = None  # Note [clipping inside the step]

@@ -9,6 +9,7 @@ import math
 
 import pytest
 import torch
+from torch._inductor.compile_fx import compile_fx
 
 from compiled_adamw import AdamW
 
@@ -139,28 +140,44 @@ def test_unscale_clip_step_with_a_grad_scaler_and_an_overflow_matches_torch(dtyp
     assert_models_close(model, twin)
 
 
-@pytest.mark.parametrize("clipped_where", ["in-users-function", "eagerly-before-the-step-compiled-alone"])
+_OPS_OF = {"in-users-function": {"compiled_adamw.grad_norm", "compiled_adamw.step_alone"},
+           "in-a-function-that-also-reads-the-grads": {"compiled_adamw.step"},
+           "eagerly-before-the-step-compiled-alone": {"compiled_adamw.step_alone"}}
+
+
+@pytest.mark.parametrize("clipped_where", _OPS_OF)
 def test_clip_and_step_inside_a_users_fullgraph_compile(clipped_where):
     """The coefficient reaches the step as a graph input either way: computed in the user's graph,
-    or pending from an eager ``clip_grad_norm_`` when ``torch.compile(opt.step)`` runs (Note [a
-    step alone with the params])."""
+    or pending from an eager ``clip_grad_norm_`` when ``torch.compile(opt.step)`` runs. Where the
+    rest of the graph touches no grad, the norm is an op that reads the grads where they are, as
+    the step does (Note [a step alone with the params]); where it does, both are traced with the
+    grads as inputs."""
     model, twin = model_and_twin()
     optimizer, reference = AdamW(model.parameters(), lr=1e-2), torch.optim.AdamW(twin.parameters(), lr=1e-2)
+    grad_sum = torch.zeros(())
 
     def clip_then_step():
         norm = optimizer.clip_grad_norm_(0.05)
+        if clipped_where == "in-a-function-that-also-reads-the-grads":
+            grad_sum.copy_(model[0].weight.grad.sum())
         optimizer.step()
         return norm
 
-    compiled_step = torch.compile(optimizer.step, fullgraph=True)
+    ops = []
+
+    def keep_ops(graph, example_inputs):
+        ops.extend(str(node.target) for node in graph.graph.nodes if "compiled_adamw" in str(node.target))
+        return compile_fx(graph, example_inputs)
+
+    compiled_step = torch.compile(optimizer.step, fullgraph=True, backend=keep_ops)
 
     def clip_eagerly_then_step_compiled():
         norm = optimizer.clip_grad_norm_(0.05)
         compiled_step()
         return norm
 
-    clipped_step = (torch.compile(clip_then_step, fullgraph=True) if clipped_where == "in-users-function"
-                    else clip_eagerly_then_step_compiled)
+    clipped_step = (clip_eagerly_then_step_compiled if clipped_where == "eagerly-before-the-step-compiled-alone"
+                    else torch.compile(clip_then_step, fullgraph=True, backend=keep_ops))
     for step in range(3):
         x, y = batch(step)
         for m, o in ((model, optimizer), (twin, reference)):
@@ -170,3 +187,25 @@ def test_clip_and_step_inside_a_users_fullgraph_compile(clipped_where):
         torch.testing.assert_close(norm, torch.nn.utils.clip_grad_norm_(twin.parameters(), 0.05), rtol=1e-5, atol=0)
         reference.step()
     assert_models_close(model, twin)
+    assert set(ops) == _OPS_OF[clipped_where], ops
+
+
+def test_a_nonfinite_norm_raises_inside_a_users_compile_before_the_step():
+    """The norm's op checks it when the graph runs (``error_if_nonfinite``, Note [a step alone with
+    the params]), before the step could write anything."""
+    model, _ = model_and_twin()
+    optimizer = AdamW(model.parameters(), lr=1e-2)
+
+    def clip_then_step():
+        optimizer.clip_grad_norm_(1.0, error_if_nonfinite=True)
+        optimizer.step()
+
+    compiled = torch.compile(clip_then_step, fullgraph=True)
+    x, y = batch(0)
+    torch.nn.functional.mse_loss(model(x), y).backward()
+    compiled()
+    before = [p.detach().clone() for p in model.parameters()]
+    model[0].weight.grad[0, 0] = float("inf")
+    with pytest.raises(RuntimeError, match="non-finite"):
+        compiled()
+    torch.testing.assert_close([p.detach() for p in model.parameters()], before, rtol=0, atol=0)

@@ -279,20 +279,30 @@ def test_a_plain_tensor_loaded_as_a_sharded_params_state_is_refused(one_process_
     assert torch.equal(optimizer.state[model[0].weight]["exp_avg"].to_local(), before)
 
 
-def test_fsdp2_clipping_inside_the_step_matches_one_process(one_process_group):
+@pytest.mark.parametrize("where", ["eager", "users-compile"])
+def test_fsdp2_clipping_inside_the_step_matches_one_process(one_process_group, where):
+    """``users-compile``: clip and step in a user's ``fullgraph=True`` function, where the norm is
+    an op over the local shards' grads (Note [a step alone with the params])."""
     model, optimizer = _sharded()
     reference_model, _ = model_and_twin()
     reference = torch.optim.AdamW(reference_model.parameters(), lr=1e-2)
+
+    def clip_and_step():
+        total = optimizer.clip_grad_norm_(0.05)
+        optimizer.step()
+        return total
+
+    ours_clip_and_step = torch.compile(clip_and_step, fullgraph=True) if where == "users-compile" else clip_and_step
     for step in range(STEPS):
         for m, o in ((model, optimizer), (reference_model, reference)):
             x, y = _full_batch(step)
             o.zero_grad()
             torch.nn.functional.mse_loss(m(x), y).backward()
             if o is optimizer:
-                norm = o.clip_grad_norm_(0.05)
+                norm = ours_clip_and_step()
             else:
                 reference_norm = torch.nn.utils.clip_grad_norm_(m.parameters(), 0.05)
-            o.step()
+                o.step()
         assert not isinstance(norm, DTensor)
         torch.testing.assert_close(norm, reference_norm, rtol=1e-5, atol=0)
     torch.testing.assert_close(_flat(model), _flat(reference_model), rtol=1e-5, atol=1e-6)
