@@ -42,18 +42,23 @@ writes a param or a grad -- ``torch.compile(opt.step)``, the compiled-optimizer 
 train step that counts its calls or steps a scheduler -- the trace instead calls
 ``compiled_adamw::step_alone``, whose inputs are the packed hyperparameters, whose declared writes
 are the step counters (which keep it from being dropped as dead code), and whose body reads the
-grads where they are when the graph runs, as the eager step does. Nothing in the trace walks the
-params: its size, and the compile's time, do not grow with the param count. Whether anything else
-touches them is known only once the whole graph is traced, so the trace takes ``step_alone``
-first, and a graph finalizer (Dynamo's, an internal) looks at the finished graph's inputs: one
-whose memory overlaps a param's or a grad's storage (the params themselves, ``clip_grad_norm_``'s
-grads, a hook's or a subclass's, an alias of them) makes Dynamo trace the frame again
-(``RestartAnalysis``), and the optimizer remembers the frame's code, so this trace and every later
-one of that code take the op above. So does a ``.grad`` or ``.data`` assignment to a tensor that
-the graph has made before the step, which Dynamo applies only after the graph has run. Where the
-translator or the finalizer is missing (another torch), the step takes the op above. The op is
-tagged ``cudagraph_unsafe``: a CUDA graph replaying it would read the grads where they were when
-it was captured.
+grads where they are when the graph runs, as the eager step does. ``clip_grad_norm_`` traced in
+such a graph likewise calls ``compiled_adamw::grad_norm``, whose body computes the grads' total
+norm where they are (and raises there for ``error_if_nonfinite``), in the dtype and on the device
+the grads had when traced (a graph needs them; a later change is cast to them). Nothing in the
+trace walks the params: its size, and the compile's time, do not grow with the param count.
+
+Whether anything else touches them is known only once the whole graph is traced, so the trace
+takes these ops first, and a graph finalizer (Dynamo's, an internal) looks at the finished
+graph's inputs: one whose memory overlaps a param's or a grad's storage (the params themselves,
+the grads of torch's ``clip_grad_norm_``, a hook's or a subclass's, an alias of them) makes
+Dynamo trace the frame again (``RestartAnalysis``), and the optimizer remembers the frame's code,
+so that trace and every later one of that code take the op above. A tensor attribute assigned in
+the graph before the step (``p.grad = ...``), which Dynamo applies only after the graph has run,
+sends the step to the op above at once. Where the translator or the finalizer is missing
+(another torch), so does every step. Both ops that read the grads where they are are tagged
+``cudagraph_unsafe``: a CUDA graph replaying them would read the grads where they were when it
+was captured.
 """
 
 from __future__ import annotations
@@ -218,7 +223,7 @@ def _trace_alone(handle_name: str) -> bool:
 def _unless_touched(optimizer_ref: weakref.ref, code: types.CodeType, speculations: Any,
                     graph: torch.fx.GraphModule) -> None:
     """A graph finalizer: traces ``code`` again, with the op that takes the params and grads, if
-    anything in ``graph`` besides ``step_alone`` reads or writes them."""
+    anything in ``graph`` besides our ops reads or writes them."""
     optimizer = optimizer_ref()
     if optimizer is None:
         return
@@ -303,4 +308,5 @@ def _norm_like(handle_name: str) -> tuple[str, str]:
         grads = [memory_of(p.grad) for settings in optimizer._settings for p in settings.params if p.grad is not None]
     if not grads:
         return str(torch.get_default_dtype()).removeprefix("torch."), "cpu"
-    return str(functools.reduce(torch.promote_types, {g.dtype for g in grads})).removeprefix("torch."), str(grads[0].device)
+    dtype = functools.reduce(torch.promote_types, {grad.dtype for grad in grads})
+    return str(dtype).removeprefix("torch."), str(grads[0].device)

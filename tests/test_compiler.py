@@ -462,6 +462,27 @@ def test_a_users_function_that_touches_params_or_grads_is_traced_with_them(funct
     torch.testing.assert_close(runs[AdamW], runs[torch.optim.AdamW], rtol=1e-5, atol=1e-6)
 
 
+def test_without_dynamos_graph_finalizers_a_users_function_takes_the_op_with_every_param(monkeypatch):
+    """Note [a step alone with the params]: where an internal it needs is missing (another torch),
+    the step is traced with every grad and param, and still gives torch's numbers."""
+    monkeypatch.delattr(torch._dynamo.output_graph.OutputGraph, "add_graph_finalizer")
+    model, twin = model_and_twin()
+    optimizer, reference = ours(model), torch.optim.AdamW(twin.parameters(), lr=1e-2)
+
+    def train_with_the_step_compiled(backend):
+        compiled_step = compiled_by_user(optimizer, "users-function", backend=backend)
+        for step in range(3):
+            x, y = batch(step)
+            optimizer.zero_grad()
+            torch.nn.functional.mse_loss(model(x), y).backward()
+            compiled_step()
+
+    (graph,) = _traced_graphs(train_with_the_step_compiled)
+    train(twin, reference, range(3))
+    assert "compiled_adamw.step" in [str(node.target) for node in graph.graph.nodes]
+    assert_models_close(model, twin)
+
+
 # Inside a user's compile, hooks use the params they know: Dynamo cannot read our param_groups
 # (GroupSettings' docstring).
 _PARAMS_OF: dict[torch.optim.Optimizer, list[torch.nn.Parameter]] = {}
