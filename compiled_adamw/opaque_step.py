@@ -55,10 +55,12 @@ the grads of torch's ``clip_grad_norm_``, a hook's or a subclass's, an alias of 
 Dynamo trace the frame again (``RestartAnalysis``), and the optimizer remembers the frame's code,
 so that trace and every later one of that code take the op above. A tensor attribute assigned in
 the graph before the step (``p.grad = ...``), which Dynamo applies only after the graph has run,
-sends the step to the op above at once. Where the translator or the finalizer is missing
-(another torch), so does every step. Both ops that read the grads where they are are tagged
-``cudagraph_unsafe``: a CUDA graph replaying them would read the grads where they were when it
-was captured.
+sends the step to the op above at once, and so does a backend that may replay the graph in CUDA
+graphs (``mode="reduce-overhead"``): a replay would read the grads where they were when it was
+recorded, while the op above takes them as inputs, which cudagraph trees copy into place. Both
+ops that read the grads where they are are tagged ``cudagraph_unsafe`` for a backend we cannot
+ask. Where the translator or the finalizer is missing (another torch), every step takes the op
+above.
 """
 
 from __future__ import annotations
@@ -214,10 +216,21 @@ def _trace_alone(handle_name: str) -> bool:
         finish = output.add_graph_finalizer
     except (ImportError, AttributeError, AssertionError):
         return False
-    if code in optimizer._traced_with_others or any(isinstance(variable, TensorVariable) for variable in pending):
+    if (code in optimizer._traced_with_others or any(isinstance(variable, TensorVariable) for variable in pending)
+            or _replayed_in_cuda_graphs(output.compiler_fn)):
         return False
     finish(functools.partial(_unless_touched, weakref.ref(optimizer), code, speculations))
     return True
+
+
+def _replayed_in_cuda_graphs(backend: Any) -> bool:
+    """Whether ``backend`` may replay its graphs in CUDA graphs (``mode="reduce-overhead"``, the
+    ``cudagraphs`` backend, or Inductor's global switch)."""
+    import torch._inductor.config as inductor_config
+    get_config = getattr(backend, "get_compiler_config", None)
+    config = (get_config() if callable(get_config) else None) or {}
+    return (bool(config.get("triton.cudagraphs", inductor_config.triton.cudagraphs))
+            or getattr(backend, "_compiler_name", None) == "cudagraphs")
 
 
 def _unless_touched(optimizer_ref: weakref.ref, code: types.CodeType, speculations: Any,

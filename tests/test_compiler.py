@@ -411,7 +411,7 @@ def _drops_a_grad_first(optimizer, params, tensors):
     optimizer.step()
 
 
-def _counts_and_reads_the_lr(optimizer, params, tensors):
+def _counts_its_calls(optimizer, params, tensors):
     optimizer.step()
     tensors["calls"].add_(1)
 
@@ -420,7 +420,7 @@ def _counts_and_reads_the_lr(optimizer, params, tensors):
 _USERS_FUNCTIONS = {_clips_the_grads: False, _averages_the_stepped_params: False,
                     _averages_across_a_graph_break: False, _shrinks_params_first: False,
                     _halves_an_alias_of_a_grad: False, _assigns_the_grads: False, _drops_a_grad_first: False,
-                    _counts_and_reads_the_lr: True}
+                    _counts_its_calls: True}
 
 
 @pytest.mark.parametrize("function", _USERS_FUNCTIONS, ids=lambda function: function.__name__.strip("_"))
@@ -559,10 +559,18 @@ def test_a_subclass_whose_step_changes_the_grads_is_stepped_with_the_changed_gra
     assert_models_close(model, twin)
 
 
-def test_the_op_of_a_step_compiled_alone_keeps_out_of_cuda_graphs():
-    """Its body reads the grads where they are when it runs; a CUDA graph would replay the
-    addresses it captured (Note [a step alone with the params])."""
+@pytest.mark.parametrize("mode", ["default", "reduce-overhead"])
+def test_a_step_that_cuda_graphs_may_replay_takes_the_op_with_every_grad(mode):
+    """Note [a step alone with the params]: the ops that read the grads where they are would read,
+    in a replayed CUDA graph, the grads where they were when it was recorded; so where the backend
+    may replay (``mode="reduce-overhead"``) the step takes the op whose inputs are the grads, and
+    the ops are tagged ``cudagraph_unsafe`` for a backend that cannot be asked."""
     assert torch.Tag.cudagraph_unsafe in torch.ops.compiled_adamw.step_alone.default.tags
+    assert torch.Tag.cudagraph_unsafe in torch.ops.compiled_adamw.grad_norm.default.tags
+    optimizer = _optimizer_with_grads(3)
+    _, code = run_and_get_code(compiled_by_user(optimizer, "users-function", mode=mode))
+    op = "compiled_adamw.step_alone" if mode == "default" else "compiled_adamw.step.default"
+    assert op in "".join(code)
 
 
 @pytest.mark.parametrize("how", USERS_COMPILES)
