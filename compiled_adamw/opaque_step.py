@@ -212,12 +212,12 @@ def _trace_alone(handle_name: str) -> bool:
         from torch._dynamo.variables.tensor import TensorVariable
         tracer = InstructionTranslator.current_tx()
         code, output, speculations = tracer.f_code, tracer.output, tracer.speculation_log
-        pending = output.side_effects.store_attr_mutations
+        pending, backend = output.side_effects.store_attr_mutations, output.compiler_fn
         finish = output.add_graph_finalizer
     except (ImportError, AttributeError, AssertionError):
         return False
     if (code in optimizer._traced_with_others or any(isinstance(variable, TensorVariable) for variable in pending)
-            or _replayed_in_cuda_graphs(output.compiler_fn)):
+            or _replayed_in_cuda_graphs(backend)):
         return False
     finish(functools.partial(_unless_touched, weakref.ref(optimizer), code, speculations))
     return True
