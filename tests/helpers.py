@@ -99,6 +99,18 @@ def compiled_by_user(optimizer: torch.optim.Optimizer, how: str, **options):
     return torch.compile(functions[how], fullgraph=True, **options)
 
 
+def inductor_noting_our_ops(ops: list[str]):
+    """Inductor as a ``torch.compile`` backend that first appends to ``ops`` each of our ops in the
+    graph Dynamo hands it."""
+    from torch._inductor.compile_fx import compile_fx
+
+    def backend(graph: torch.fx.GraphModule, example_inputs):
+        ops.extend(str(node.target) for node in graph.graph.nodes if "compiled_adamw" in str(node.target))
+        return compile_fx(graph, example_inputs)
+
+    return backend
+
+
 def through_disk(obj, **load_kwargs):
     """``obj`` after ``torch.save`` and ``torch.load`` (``weights_only=True`` unless overridden)."""
     buffer = io.BytesIO()

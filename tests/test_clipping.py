@@ -9,11 +9,10 @@ import math
 
 import pytest
 import torch
-from torch._inductor.compile_fx import compile_fx
 
 from compiled_adamw import AdamW
 
-from .helpers import assert_models_close, batch, counting_host_reads, model_and_twin
+from .helpers import assert_models_close, batch, counting_host_reads, inductor_noting_our_ops, model_and_twin
 
 
 def _clipped_steps(model, optimizer, steps: range, max_norm: float, norm_type: float, *, ours: bool) -> list:
@@ -164,12 +163,8 @@ def test_clip_and_step_inside_a_users_fullgraph_compile(clipped_where):
         return norm
 
     ops = []
-
-    def keep_ops(graph, example_inputs):
-        ops.extend(str(node.target) for node in graph.graph.nodes if "compiled_adamw" in str(node.target))
-        return compile_fx(graph, example_inputs)
-
-    compiled_step = torch.compile(optimizer.step, fullgraph=True, backend=keep_ops)
+    backend = inductor_noting_our_ops(ops)
+    compiled_step = torch.compile(optimizer.step, fullgraph=True, backend=backend)
 
     def clip_eagerly_then_step_compiled():
         norm = optimizer.clip_grad_norm_(0.05)
@@ -177,7 +172,7 @@ def test_clip_and_step_inside_a_users_fullgraph_compile(clipped_where):
         return norm
 
     clipped_step = (clip_eagerly_then_step_compiled if clipped_where == "eagerly-before-the-step-compiled-alone"
-                    else torch.compile(clip_then_step, fullgraph=True, backend=keep_ops))
+                    else torch.compile(clip_then_step, fullgraph=True, backend=backend))
     for step in range(3):
         x, y = batch(step)
         for m, o in ((model, optimizer), (twin, reference)):

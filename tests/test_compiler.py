@@ -13,13 +13,13 @@ import pytest
 import torch
 from torch._dynamo.eval_frame import _debug_get_cache_entry_list
 from torch._dynamo.utils import counters
-from torch._inductor.compile_fx import compile_fx
 from torch._inductor.utils import run_and_get_code
 from torch.optim.optimizer import register_optimizer_step_post_hook, register_optimizer_step_pre_hook
 
 from compiled_adamw import AdamW, kernels, opaque_step
 
-from .helpers import USERS_COMPILES, assert_models_close, batch, compiled_by_user, model_and_twin, ours, train
+from .helpers import (USERS_COMPILES, assert_models_close, batch, compiled_by_user, inductor_noting_our_ops,
+                      model_and_twin, ours, train)
 
 
 def _cache_entries(compiled) -> int:
@@ -442,13 +442,9 @@ def test_a_users_function_that_touches_params_or_grads_is_traced_with_them(funct
         def users_step():
             function(optimizer, params, tensors)
 
-        def keep_ops(graph, example_inputs):
-            ops.extend(str(node.target) for node in graph.graph.nodes if "compiled_adamw" in str(node.target))
-            return compile_fx(graph, example_inputs)
-
         fullgraph = function is not _averages_across_a_graph_break
-        step = (torch.compile(users_step, fullgraph=fullgraph, backend=keep_ops) if optimizer_class is AdamW
-                else users_step)
+        step = (torch.compile(users_step, fullgraph=fullgraph, backend=inductor_noting_our_ops(ops))
+                if optimizer_class is AdamW else users_step)
         for i in range(3):
             x, y = batch(i)
             optimizer.zero_grad()
