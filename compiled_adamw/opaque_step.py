@@ -269,7 +269,7 @@ class _Spans:
 
     def __init__(self, tensors: Iterable[Tensor]):
         merged: list[list[int]] = []
-        for start, end in sorted(_storage_span(memory_of(tensor)) for tensor in tensors):
+        for start, end in sorted(filter(None, map(_storage_span_or_none, tensors))):
             if merged and start <= merged[-1][1]:
                 merged[-1][1] = max(merged[-1][1], end)
             elif end > start:
@@ -294,6 +294,15 @@ class _Spans:
 def _storage_span(tensor: Tensor) -> tuple[int, int]:
     storage = tensor.untyped_storage()
     return storage.data_ptr(), storage.data_ptr() + storage.nbytes()
+
+
+def _storage_span_or_none(tensor: Tensor) -> tuple[int, int] | None:
+    """A param's or grad's span; None for one without a storage (a sparse grad), which the step
+    itself refuses, naming it, when the graph runs."""
+    try:
+        return _storage_span(memory_of(tensor))
+    except (RuntimeError, NotImplementedError, TypeError):
+        return None
 
 
 def step_alone(optimizer: AdamW, hyperparameters: list[Tensor], scaled: bool, skippable: bool) -> None:

@@ -9,7 +9,7 @@ import torch
 
 from compiled_adamw import AdamW
 
-from .helpers import assert_models_close, assert_same, batch, model_and_twin, ours, snapshot, train
+from .helpers import assert_models_close, assert_same, batch, compiled_by_user, model_and_twin, ours, snapshot, train
 
 
 @pytest.mark.parametrize("kwargs, name", [
@@ -75,13 +75,18 @@ def test_invalid_value_assigned_to_a_group_is_refused_at_once(key, value, name):
     _recovers(model, optimizer, twin, reference)
 
 
-def test_sparse_grad_fails_the_step_cleanly():
+@pytest.mark.parametrize("where", ["eager", "users-function"])
+def test_sparse_grad_fails_the_step_cleanly(where):
+    """``users-function``: inside a user's compile, a grad without a storage of its own leaves the
+    trace's check of what the graph touches to the step, which names it (Note [a step alone with
+    the params])."""
     model, optimizer, twin, reference = _trained_pair()
+    step = optimizer.step if where == "eager" else compiled_by_user(optimizer, where)
     good = model[2].bias.grad
     model[2].bias.grad = good.to_sparse()
     before = snapshot(optimizer)
     with pytest.raises(RuntimeError, match=r"param_groups\[0\]\['params'\]\[3\].*sparse"):
-        optimizer.step()
+        step()
     assert_same(before, snapshot(optimizer))
     assert torch.is_grad_enabled(), "the step turns grad mode off while it runs, and back on when it raises"
     model[2].bias.grad = good
