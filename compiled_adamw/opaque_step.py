@@ -29,9 +29,11 @@ steps them where they live. Where the user's graph writes a param before the ste
 hands the op (or a fence) the written values in memory of its own, and copies them into the param
 only when the graph ends: the step would read the param's old values and the copy would then
 overwrite its result. So the op and the fences compare the data pointers they are given with the
-params' (one C call per list; the last pointers seen are kept, so a step where they agree costs
-nothing more), and where one differs they copy the given values into the param before the step
-and the stepped values back into the given memory after it.
+params' (one C call per list, against the last pointers seen), and where one differs they copy
+the given values into the param before the step and the stepped values back into the given
+memory after it. Measured where nothing differs (1,000 params, a user's function that reads the
+grads, 500 calls alternating in blocks): 6.33 ms a call against 6.24 ms with the comparisons
+left out, about 16 us per 256 params.
 
 The state buffers are the body's own business, not the graph's: code in the same compiled
 function that reads ``optimizer.state`` sees the values of the step before.
