@@ -74,6 +74,25 @@ kernels compile with it off: a process with warm caches took 1.1 s instead of 0.
 kernel's first call (measured with a prototype of this backend). Measured: one 1,024-element param, the whole step 42 -> 29-32 us (torch
 fused: 21-22 us). The differentiable kernel has a backward and keeps the ordinary path.
 
+Note [calls that look as before]: Dynamo's guard check of a kernel call costs 2.2-2.5 us when
+its own data is in the cache, but a step over a param of 2^16-2^20 elements streams params and
+state through the cache between calls, and there the check took 58 of a call's 101 us (measured
+on this project's 2-core CPU, the kernel called after a cache flush). So once a call of an
+in-place kernel passed Dynamo's guards and ran straight into Inductor's graph, the kernel keeps
+its tensors' metadata in a ``TensorGuards`` (Note [a step that looks once] in
+``metadata_check.py``: type, dispatch keys, dtype, device, requires_grad, exact sizes and
+strides), and a later call without per-call options whose tensors match it, None where it had
+None, runs that graph without Dynamo's check: tensors that match exactly pass every tensor and
+shape guard the first call passed. What else Dynamo guards -- global state such as grad mode,
+autocast or a torch function mode, and the globals the kernel's code reads -- does not reach a
+graph called directly, whose generated code runs the same whatever they are; a stance other than
+the default still goes through ``torch.compile``. Kept per first tensor's length and None
+pattern, the checks grow with the distinct call shapes, as the prepared calls do (Note [calls
+prepared once] in ``flat_bucket.py``). Measured on the default loop's single-tensor sweep against
+the previous commit (separate processes, alternating, twice): ratio to torch fused at 2^10
+1.43 -> 1.23-1.25, 2^16 1.27-1.29 -> 1.14-1.18, 2^18 1.22-1.24 -> 1.00-1.06, 2^20 1.34-1.35 ->
+1.14-1.20.
+
 Note [parallel at any length]: Inductor's C++ backend makes a loop parallel only if the length it
 sees at compile time, the first call's, is at least 512 elements per thread
 (``cpp.min_chunk_size``); a kernel first called on a short window stays serial at every later
@@ -97,6 +116,7 @@ from torch import Tensor
 from torch._dynamo import eval_frame as _eval_frame
 
 from .functional import step_flat
+from .metadata_check import unchanged_check
 from .update import Coefficients, adamw_coefficients, adamw_elementwise, compute_dtype
 
 __all__ = ["apply_update_", "differentiable_kernel", "packed_coefficients", "reset",
@@ -206,8 +226,9 @@ class _Kernel:
     each call), called with tensors; after the first call, past Dynamo's frame hook (Note [calls
     past Dynamo's frame hook]) and, for an in-place kernel (``direct=True``: it returns None and
     has no backward), straight into Inductor's compiled graph (Note [calls into Inductor's
-    graph]). It compiles for inputs without view bases; calls past the hook take them as they
-    are (Note [inputs without a view base])."""
+    graph]), without Dynamo's guard check once its tensors look as a call's that passed it (Note
+    [calls that look as before]). It compiles for inputs without view bases; calls past the hook
+    take them as they are (Note [inputs without a view base])."""
 
     def __init__(self, fn: Callable[..., Any], name: str, *, dynamic: bool, direct: bool, **static: Any):
         function = _own_code_copy(fn, name)
@@ -218,6 +239,9 @@ class _Kernel:
         self._names = self._code.co_varnames[: self._code.co_argcount]
         self._graphs: list[_InductorGraph | None] = []  # one per compile, in order
         self._entries: list[_Entry] = []
+        self._direct = direct
+        # Note [calls that look as before]: by the first tensor's length and which tensors are None.
+        self._seen: dict[tuple, list[tuple[Callable[..., bool], _Entry]]] = {}
 
     def _compile(self, graph_module: torch.fx.GraphModule, example_inputs: list[Any]) -> Callable[..., Any]:
         """Inductor's compile, keeping the graph it builds and what each of its inputs is."""
@@ -239,12 +263,25 @@ class _Kernel:
 
     def __call__(self, *tensors: Tensor | None, **options: Any) -> Any:
         options = {**self._static, **options} if options else self._static
+        if not _in_default_stance():
+            return self.compiled(*map(without_base, tensors), **options)
         frame_locals = dict(zip(self._names, tensors), **options)
-        for entry in self._entries if _in_default_stance() else ():
+        looks = self._direct and options is self._static  # Note [calls that look as before]
+        if looks:
+            key = (tensors[0] is not None and tensors[0].numel(), tuple([t is None for t in tensors]))
+            for unchanged, entry in self._seen.get(key, ()):
+                if unchanged(*[t for t in tensors if t is not None]):
+                    return entry(tensors, options, frame_locals)
+        for entry in self._entries:
             if entry.guards.check(frame_locals):
-                return entry(tensors, options, frame_locals)
+                result = entry(tensors, options, frame_locals)
+                if looks and entry.direct:
+                    present = [t for t in tensors if t is not None]
+                    self._seen.setdefault(key, []).append(
+                        (unchanged_check(present, strides_matter=[True] * len(present)), entry))
+                return result
         result = self.compiled(*map(without_base, tensors), **options)
-        self._entries = _compiled_frames(self._code, self._globals, self._graphs)
+        self._entries, self._seen = _compiled_frames(self._code, self._globals, self._graphs), {}
         return result
 
 
