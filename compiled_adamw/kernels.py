@@ -86,12 +86,16 @@ None, runs that graph without Dynamo's check: tensors that match exactly pass ev
 shape guard the first call passed. What else Dynamo guards -- global state such as grad mode,
 autocast or a torch function mode, and the globals the kernel's code reads -- does not reach a
 graph called directly, whose generated code runs the same whatever they are; a stance other than
-the default still goes through ``torch.compile``. Kept per first tensor's length and None
-pattern, the checks grow with the distinct call shapes, as the prepared calls do (Note [calls
-prepared once] in ``flat_bucket.py``). Measured on the default loop's single-tensor sweep against
-the previous commit (separate processes, alternating, twice): ratio to torch fused at 2^10
-1.43 -> 1.23-1.25, 2^16 1.27-1.29 -> 1.14-1.18, 2^18 1.22-1.24 -> 1.00-1.06, 2^20 1.34-1.35 ->
-1.14-1.20.
+the default still goes through ``torch.compile``. Such a call also builds no dict of the frame's
+locals: the graph's inputs are picked from the arguments in one C call, the sizes among them
+being the first call's (equal sizes give the same): with cold caches every line of Python
+costs, and a call took 3-19 us more than Inductor's graph called alone, where it had taken 24-34
+us more (2^10-2^18 elements, one and two threads, after a cache flush). Kept per first tensor's
+length, the checks grow with the distinct call shapes, as the prepared calls do (Note [calls
+prepared once] in ``flat_bucket.py``). Measured on the default loop's single-tensor sweep
+against commit 270a2a1, which ran every call through Dynamo's check (separate processes,
+alternating, twice): ratio to torch fused at 2^10 1.38-1.46 -> 1.15-1.17, 2^16 1.21-1.31 ->
+1.07-1.08, 2^18 1.03-1.22 -> 0.97-1.12, 2^20 1.29-1.37 -> 1.10-1.14.
 
 Note [parallel at any length]: Inductor's C++ backend makes a loop parallel only if the length it
 sees at compile time, the first call's, is at least 512 elements per thread
@@ -240,8 +244,7 @@ class _Kernel:
         self._graphs: list[_InductorGraph | None] = []  # one per compile, in order
         self._entries: list[_Entry] = []
         self._direct = direct
-        # Note [calls that look as before]: by the first tensor's length and which tensors are None.
-        self._seen: dict[tuple, list[tuple[Callable[..., bool], _Entry]]] = {}
+        self._looked: dict[int | bool, list[_Looked]] = {}  # by the first tensor's length
 
     def _compile(self, graph_module: torch.fx.GraphModule, example_inputs: list[Any]) -> Callable[..., Any]:
         """Inductor's compile, keeping the graph it builds and what each of its inputs is."""
@@ -262,34 +265,36 @@ class _Kernel:
         return compiled
 
     def __call__(self, *tensors: Tensor | None, **options: Any) -> Any:
+        if options or not self._direct or not _in_default_stance():
+            return self._through_dynamo(tensors, options)
+        for looked in self._looked.get(tensors[0] is not None and tensors[0].numel(), ()):
+            if looked.matches(tensors):
+                return looked.run(list(looked.inputs(tensors + looked.sizes)))
+        return self._through_dynamo(tensors, options)
+
+    def _through_dynamo(self, tensors: tuple[Tensor | None, ...], options: dict[str, Any]) -> Any:
+        """The call as Dynamo would make it: the first entry whose guards pass, else ``torch.compile``."""
         options = {**self._static, **options} if options else self._static
         if not _in_default_stance():
             return self.compiled(*map(without_base, tensors), **options)
         frame_locals = dict(zip(self._names, tensors), **options)
-        looks = self._direct and options is self._static  # Note [calls that look as before]
-        if looks:
-            key = (tensors[0] is not None and tensors[0].numel(), tuple([t is None for t in tensors]))
-            for unchanged, entry in self._seen.get(key, ()):
-                if unchanged(*[t for t in tensors if t is not None]):
-                    return entry(tensors, options, frame_locals)
         for entry in self._entries:
             if entry.guards.check(frame_locals):
                 result = entry(tensors, options, frame_locals)
-                if looks and entry.direct:
-                    present = [t for t in tensors if t is not None]
-                    self._seen.setdefault(key, []).append(
-                        (unchanged_check(present, strides_matter=[True] * len(present)), entry))
+                if entry.graph is not None and options is self._static:  # Note [calls that look as before]
+                    key = tensors[0] is not None and tensors[0].numel()
+                    self._looked.setdefault(key, []).append(_Looked.of(tensors, self._names, entry.graph))
                 return result
         result = self.compiled(*map(without_base, tensors), **options)
-        self._entries, self._seen = _compiled_frames(self._code, self._globals, self._graphs), {}
+        self._entries, self._looked = _compiled_frames(self._code, self._globals, self._graphs), {}
         return result
 
 
 class _InductorGraph(NamedTuple):
-    """A graph Inductor built for a kernel, and how to make its inputs from the frame's locals."""
+    """A graph Inductor built for a kernel, and where each of its inputs comes from."""
 
     graph: Any  # Inductor's CompiledFxGraph: ``graph.current_callable(inputs)`` runs it
-    inputs: list[Callable[[dict], Any]]
+    inputs: list[tuple[str, int | None]]  # a local of the frame, or (with a dim) one of its sizes
 
     @staticmethod
     def of(graph_module: torch.fx.GraphModule, built: list[Any]) -> _InductorGraph | None:
@@ -297,24 +302,23 @@ class _InductorGraph(NamedTuple):
         graph is a local of the frame or one of its sizes."""
         if len(built) != 1 or not callable(getattr(built[0], "current_callable", None)):
             return None
-        inputs = []
+        inputs: list[tuple[str, int | None]] = []
         for node in graph_module.graph.find_nodes(op="placeholder"):
             source = getattr(node.meta.get("grapharg"), "source", None)
             local, size = _LOCAL.match(getattr(source, "name", "")), _SIZE.match(getattr(source, "name", ""))
             if local:
-                inputs.append(operator.itemgetter(local[1]))
+                inputs.append((local[1], None))
             elif size:
-                inputs.append(functools.partial(_size, size[1], int(size[2])))
+                inputs.append((size[1], int(size[2])))
             else:
                 return None
         return _InductorGraph(built[0], inputs)
 
+    def inputs_from(self, frame_locals: dict[str, Any]) -> list[Any]:
+        return [frame_locals[name] if dim is None else frame_locals[name].size(dim) for name, dim in self.inputs]
+
 
 _LOCAL, _SIZE = re.compile(r"L\['(\w+)'\]$"), re.compile(r"L\['(\w+)'\]\.size\(\)\[(\d+)\]$")
-
-
-def _size(name: str, dim: int, frame_locals: dict) -> int:
-    return frame_locals[name].size(dim)
 
 
 class _Entry:
@@ -324,15 +328,15 @@ class _Entry:
 
     def __init__(self, guards: Any, transformed: Callable[..., Any], candidate: _InductorGraph | None):
         self.guards, self._transformed, self._candidate = guards, transformed, candidate
-        self._direct: Callable[[list], Any] | None = None
+        self.graph: _InductorGraph | None = None  # the candidate, once verified
 
     @property
     def direct(self) -> bool:
-        return self._direct is not None
+        return self.graph is not None
 
     def __call__(self, tensors: tuple, options: dict, frame_locals: dict) -> Any:
-        if self._direct is not None:
-            self._direct([make(frame_locals) for make in self._inputs])
+        if self.graph is not None:
+            self.graph.graph.current_callable(self.graph.inputs_from(frame_locals))
             return None
         if self._candidate is None:
             return self._transformed(*tensors, **options)
@@ -341,10 +345,10 @@ class _Entry:
     def _verify(self, tensors: tuple, options: dict, frame_locals: dict) -> Any:
         """Run the frame as Dynamo compiled it, watching the inputs it hands Inductor's graph; if
         they are exactly the ones we would build, later calls hand them over themselves."""
-        graph, self._inputs = self._candidate
-        self._candidate = None
-        expected = [make(frame_locals) for make in self._inputs]
+        candidate, self._candidate = self._candidate, None
+        expected = candidate.inputs_from(frame_locals)
         seen: list[list] = []
+        graph = candidate.graph
         run = graph.current_callable
         graph.current_callable = lambda inputs: seen.append(list(inputs)) or run(inputs)
         try:
@@ -354,8 +358,52 @@ class _Entry:
         if result is None and len(seen) == 1 and len(seen[0]) == len(expected) and all(
                 given is ours or (not isinstance(ours, Tensor) and given == ours)
                 for given, ours in zip(seen[0], expected)):
-            self._direct = run
+            self.graph = candidate
         return result
+
+
+class _Looked(NamedTuple):
+    """A call that passed Dynamo's guards and ran straight into Inductor's graph, kept so that a
+    later call whose tensors look exactly as its did runs the graph without Dynamo's check (Note
+    [calls that look as before])."""
+
+    nones: tuple[int, ...]  # the arguments that were None
+    present: Callable[[tuple], tuple]  # the others
+    unchanged: Callable[..., bool]  # whether tensors look as the others did
+    inputs: Callable[[tuple], tuple]  # the graph's inputs, from the arguments followed by ``sizes``
+    sizes: tuple[int, ...]  # the sizes the graph took, which equal sizes make the same
+    run: Callable[[list], Any]
+
+    @staticmethod
+    def of(tensors: tuple[Tensor | None, ...], names: tuple[str, ...], graph: _InductorGraph) -> _Looked:
+        present = [k for k, t in enumerate(tensors) if t is not None]
+        position = {name: k for k, name in enumerate(names)}
+        sources, sizes = [], []
+        for name, dim in graph.inputs:
+            if dim is None:
+                sources.append(position[name])
+            else:
+                sources.append(len(tensors) + len(sizes))
+                sizes.append(tensors[position[name]].size(dim))
+        return _Looked(tuple(k for k, t in enumerate(tensors) if t is None), _picker(present),
+                       unchanged_check([tensors[k] for k in present], strides_matter=[True] * len(present)),
+                       _picker(sources), tuple(sizes), graph.graph.current_callable)
+
+    def matches(self, tensors: tuple[Tensor | None, ...]) -> bool:
+        for k in self.nones:
+            if tensors[k] is not None:
+                return False
+        try:
+            return self.unchanged(*self.present(tensors))
+        except TypeError:  # None where a tensor was
+            return False
+
+
+def _picker(positions: list[int]) -> Callable[[tuple], tuple]:
+    """``values -> tuple(values[k] for k in positions)``, in one C call where it can be."""
+    if len(positions) > 1:
+        return operator.itemgetter(*positions)
+    return lambda values: tuple(values[k] for k in positions)
 
 
 def _compiled_frames(code: types.CodeType, globals_: dict, graphs: list[_InductorGraph | None]) -> list[_Entry]:

@@ -179,8 +179,8 @@ def test_an_in_place_kernel_calls_inductors_graph_once_its_inputs_are_verified(i
 def test_a_call_that_looks_as_before_skips_dynamos_guard_check():
     """Note [calls that look as before]: once a call of an in-place kernel passed Dynamo's guards
     and ran into Inductor's graph, later calls whose tensors have the same metadata are not
-    checked by Dynamo again; tensors that differ -- another length, strides or dtype -- still
-    are, compile where those guards fail, and step as eager does."""
+    checked by Dynamo again; tensors that differ -- another length, strides or dtype, a tensor
+    where None was -- still are, compile where those guards fail, and step as eager does."""
     kernel = kernels._compiled_update.__wrapped__("cpu", torch.float32, False, False, False, False)
     hyperparameters = torch.tensor([1e-2, 0.9, 0.999, 1e-8, 0.01, 0.0, 1.0, 0.0], dtype=torch.float64)
     checked = []
@@ -199,9 +199,9 @@ def test_a_call_that_looks_as_before_skips_dynamos_guard_check():
                 torch.randn(length * stride, generator=generator, dtype=dtype)[::stride],
                 torch.zeros(length, dtype=dtype), torch.zeros(length, dtype=dtype)]
 
-    def step_both(ours_, eager, steps):
+    def step_both(ours_, eager, steps, unused_max_exp_avg_sq=None):
         for step in steps:
-            kernel(*ours_, None, torch.tensor(float(step)), hyperparameters)
+            kernel(*ours_, unused_max_exp_avg_sq, torch.tensor(float(step)), hyperparameters)
             kernels.apply_update_(*eager, None, torch.tensor(float(step)), hyperparameters, amsgrad=False,
                                   maximize=False, scaled=False)
         torch.testing.assert_close(ours_, eager)
@@ -216,9 +216,11 @@ def test_a_call_that_looks_as_before_skips_dynamos_guard_check():
     step_both(windows(56), windows(56), [1, 2])  # another length passes Dynamo's guards once
     assert checked == [40, 56]
     graphs_before = counters["stats"]["unique_graphs"]
+    step_both(windows(40), windows(40), [1], unused_max_exp_avg_sq=torch.zeros(40))  # a tensor where None was
+    assert checked == [40, 56, 40]
     step_both(windows(40, stride=2), windows(40, stride=2), [1, 2])
     step_both(windows(40, dtype=torch.float64), windows(40, dtype=torch.float64), [1, 2])
-    assert counters["stats"]["unique_graphs"] - graphs_before == 2
+    assert counters["stats"]["unique_graphs"] - graphs_before == 3
 
 def test_without_dynamos_cache_entries_every_call_goes_through_torch_compile(monkeypatch):
     """Dynamo's cache entries are its internals: where they cannot be read, every kernel call
