@@ -92,7 +92,8 @@ being the first call's (equal sizes give the same): with cold caches every line 
 costs, and a call took 3-19 us more than Inductor's graph called alone, where it had taken 24-34
 us more (2^10-2^18 elements, one and two threads, after a cache flush). Kept per first tensor's
 length, the checks grow with the distinct call shapes, as the prepared calls do (Note [calls
-prepared once] in ``flat_bucket.py``). Measured on the default loop's single-tensor sweep
+prepared once] in ``flat_bucket.py``); one that would not pass the very call it was made from
+(where ``TensorGuards`` is missing) is not kept. Measured on the default loop's single-tensor sweep
 against commit 270a2a1, which ran every call through Dynamo's check (separate processes,
 alternating, twice): ratio to torch fused at 2^10 1.38-1.46 -> 1.15-1.17, 2^16 1.21-1.31 ->
 1.07-1.08, 2^18 1.03-1.22 -> 0.97-1.12, 2^20 1.29-1.37 -> 1.10-1.14.
@@ -282,8 +283,9 @@ class _Kernel:
             if entry.guards.check(frame_locals):
                 result = entry(tensors, options, frame_locals)
                 if entry.graph is not None and options is self._static:  # Note [calls that look as before]
-                    key = tensors[0] is not None and tensors[0].numel()
-                    self._looked.setdefault(key, []).append(_Looked.of(tensors, self._names, entry.graph))
+                    looked = _Looked.of(tensors, self._names, entry.graph)
+                    if looked.matches(tensors):  # never where TensorGuards is missing: nothing to keep
+                        self._looked.setdefault(tensors[0] is not None and tensors[0].numel(), []).append(looked)
                 return result
         result = self.compiled(*map(without_base, tensors), **options)
         self._entries, self._looked = _compiled_frames(self._code, self._globals, self._graphs), {}

@@ -16,7 +16,7 @@ from torch._dynamo.utils import counters
 from torch._inductor.utils import run_and_get_code
 from torch.optim.optimizer import register_optimizer_step_post_hook, register_optimizer_step_pre_hook
 
-from compiled_adamw import AdamW, kernels, opaque_step
+from compiled_adamw import AdamW, kernels, metadata_check, opaque_step
 
 from .helpers import (USERS_COMPILES, assert_models_close, batch, compiled_by_user, inductor_noting_our_ops,
                       model_and_twin, ours, train)
@@ -221,6 +221,24 @@ def test_a_call_that_looks_as_before_skips_dynamos_guard_check():
     step_both(windows(40, stride=2), windows(40, stride=2), [1, 2])
     step_both(windows(40, dtype=torch.float64), windows(40, dtype=torch.float64), [1, 2])
     assert counters["stats"]["unique_graphs"] - graphs_before == 3
+
+
+def test_without_dynamos_tensor_guards_every_kernel_call_is_checked_by_dynamo(monkeypatch):
+    """Where ``TensorGuards`` is missing (Note [a step that looks once]), no call looks as before
+    (Note [calls that look as before]): each is checked by Dynamo's guards, nothing is kept call
+    after call, and the numbers are eager's."""
+    monkeypatch.setattr(metadata_check, "TensorGuards", None)
+    kernel = kernels._compiled_update.__wrapped__("cpu", torch.float32, False, False, False, False)
+    hyperparameters = torch.tensor([1e-2, 0.9, 0.999, 1e-8, 0.01, 0.0, 1.0, 0.0], dtype=torch.float64)
+    ours_, eager = ([torch.randn(40, generator=torch.Generator().manual_seed(0)) for _ in range(2)]
+                    + [torch.zeros(40), torch.zeros(40)] for _ in range(2))
+    for step in range(1, 6):
+        kernel(*ours_, None, torch.tensor(float(step)), hyperparameters)
+        kernels.apply_update_(*eager, None, torch.tensor(float(step)), hyperparameters, amsgrad=False, maximize=False,
+                              scaled=False)
+    assert [entry.direct for entry in kernel._entries] == [True]
+    assert kernel._looked == {}
+    torch.testing.assert_close(ours_, eager)
 
 def test_without_dynamos_cache_entries_every_call_goes_through_torch_compile(monkeypatch):
     """Dynamo's cache entries are its internals: where they cannot be read, every kernel call
