@@ -156,7 +156,7 @@ class GroupSettings:
                 for index, name in enumerate(SCALAR_NAMES)])
             tail = self.vector[len(SCALAR_NAMES):] if scaler is None else scaler.to(self.vector)
             packed = torch.cat([hyperparameters, tail])
-        return packed if packed.device == device else packed.to(device, non_blocking=True)
+        return packed if device == self.device else packed.to(device, non_blocking=True)
 
 
 class ParamGroup(dict):

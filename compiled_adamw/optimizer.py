@@ -324,7 +324,8 @@ class AdamW(torch.optim.Optimizer):
 
     def _step_bucket(self, settings: GroupSettings, bucket: FlatBucket, plan: StepPlan, hyperparameters: Tensor,
                      scaled: bool, skippable: bool) -> None:
-        hyperparameters = hyperparameters.to(bucket.device, non_blocking=True)
+        if bucket.device != settings.device:  # a group whose params span devices
+            hyperparameters = hyperparameters.to(bucket.device, non_blocking=True)
         bucket.execute(
             plan,
             update_kernel(bucket.device.type, bucket.real_dtype, settings.amsgrad, settings.maximize, scaled,
