@@ -137,8 +137,8 @@ def dense_memory(tensor: Tensor, length: int, real_dtype: torch.dtype) -> Tensor
     """The memory of a dense ``tensor`` (no gaps, no overlaps) as a 1-D tensor of its ``length``
     real elements, in memory order, not requiring grad: itself if it is one, a view where one will
     do (0.5 us; a kernel call gives its inputs no view base only when it compiles, Note [inputs
-    without a view base]), else an alias (2.3 us). A param's view would require grad, even under ``no_grad``,
-    which our kernels' guards reject (a second compile), so a param gets the alias."""
+    without a view base]), else an alias (2.3 us). A param's view would require grad, even under
+    ``no_grad``, which our kernels' guards reject (a second compile), so a param gets the alias."""
     if tensor.is_contiguous() and not tensor.is_complex() and not tensor.requires_grad:
         return tensor if tensor.dim() == 1 else tensor.view(-1)
     offset = tensor.storage_offset() * (2 if tensor.is_complex() else 1)
