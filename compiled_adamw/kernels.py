@@ -245,7 +245,7 @@ class _Kernel:
         self._graphs: list[_InductorGraph | None] = []  # one per compile, in order
         self._entries: list[_Entry] = []
         self._direct = direct
-        self._looked: dict[int | bool, list[_Looked]] = {}  # by the first tensor's length
+        self._looked: dict[int | None, list[_Looked]] = {}  # by the first tensor's length
 
     def _compile(self, graph_module: torch.fx.GraphModule, example_inputs: list[Any]) -> Callable[..., Any]:
         """Inductor's compile, keeping the graph it builds and what each of its inputs is."""
@@ -268,7 +268,7 @@ class _Kernel:
     def __call__(self, *tensors: Tensor | None, **options: Any) -> Any:
         if options or not self._direct or not _in_default_stance():
             return self._through_dynamo(tensors, options)
-        for looked in self._looked.get(tensors[0] is not None and tensors[0].numel(), ()):
+        for looked in self._looked.get(_length_of_first(tensors), ()):
             if looked.matches(tensors):
                 return looked.run(list(looked.inputs(tensors + looked.sizes)))
         return self._through_dynamo(tensors, options)
@@ -285,7 +285,7 @@ class _Kernel:
                 if entry.graph is not None and options is self._static:  # Note [calls that look as before]
                     looked = _Looked.of(tensors, self._names, entry.graph)
                     if looked.matches(tensors):  # never where TensorGuards is missing: nothing to keep
-                        self._looked.setdefault(tensors[0] is not None and tensors[0].numel(), []).append(looked)
+                        self._looked.setdefault(_length_of_first(tensors), []).append(looked)
                 return result
         result = self.compiled(*map(without_base, tensors), **options)
         self._entries, self._looked = _compiled_frames(self._code, self._globals, self._graphs), {}
@@ -399,6 +399,10 @@ class _Looked(NamedTuple):
             return self.unchanged(*self.present(tensors))
         except TypeError:  # None where a tensor was
             return False
+
+
+def _length_of_first(tensors: tuple[Tensor | None, ...]) -> int | None:
+    return None if tensors[0] is None else tensors[0].numel()
 
 
 def _picker(positions: list[int]) -> Callable[[tuple], tuple]:
