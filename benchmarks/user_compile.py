@@ -22,7 +22,11 @@ with an empty Inductor cache (so "cold" includes every compile the case needs, o
   [one opaque step in a user's trace]), after a first trace that found them touched.
 * ``train-step``: forward, backward, step and zero_grad in one ``torch.compile`` on a small
   transformer (112 param tensors), ours against torch's foreach and fused, each in a fresh
-  process (not interleaved: run it twice).
+  process: cold compile, and a steady call that moves with the machine.
+* ``train-step-pair``: the same compiled train steps, ours and one of torch's in one fresh
+  process, calls alternating, so the steady ratio is from the same minutes. Torch's is compiled
+  first: compiled after ours or fused, torch's foreach step fails in torch 2.13 ("Expected
+  scalars to be on CPU, got meta"), and so do the three together.
 
 Figures are wall seconds (cold) and medians in ms (steady); nothing here is a test.
 """
@@ -116,6 +120,7 @@ def _small_transformer() -> torch.nn.Module:
 
 
 TRAIN_STEP_CONTENDERS = ("ours", "torch-foreach", "torch-fused")
+PAIRED_CALLS = 300
 
 
 def _compiled_train_step(contender: str):
@@ -146,6 +151,23 @@ def train_step(contender: str) -> dict:
     return dict(tensors=tensors, cold_s=calls[0], second_s=calls[1], steady_ms=statistics.median(calls[2:]) * 1e3)
 
 
+def train_step_pair(baseline: str) -> dict:
+    """Ours against torch's ``baseline`` compiled train step in this fresh process, calls
+    alternating (in a rotating order, as ``benchmarks.loop`` does) after three warm-up calls each."""
+    from .measure import in_turn
+    steps = {}
+    for contender in (baseline, "ours"):  # torch's first: see ``train-step-pair`` above
+        steps[contender] = _compiled_train_step(contender)[1]
+        for _ in range(3):
+            steps[contender]()
+    seconds: dict[str, list[float]] = {contender: [] for contender in steps}
+    for repetition in range(PAIRED_CALLS):
+        for contender in in_turn(list(steps), repetition):
+            seconds[contender].append(_timed(steps[contender]))
+    ours_ms, baseline_ms = (statistics.median(seconds[c]) * 1e3 for c in ("ours", baseline))
+    return dict(steady_ms=ours_ms, baseline_ms=baseline_ms, steady_x_baseline=ours_ms / baseline_ms)
+
+
 def _in_fresh_process(*args: str) -> dict:
     with tempfile.TemporaryDirectory() as cache:
         env = dict(os.environ, TORCHINDUCTOR_CACHE_DIR=cache)
@@ -172,7 +194,8 @@ def main() -> None:
     args = parser.parse_args()
     if args.child:
         kind, *rest = args.child
-        print(json.dumps(train_step(rest[0]) if kind == "train-step" else tutorial(rest[0], int(rest[1]), kind)))
+        child = {"train-step": train_step, "train-step-pair": train_step_pair}.get(kind)
+        print(json.dumps(child(rest[0]) if child else tutorial(rest[0], int(rest[1]), kind)))
         return
     results = []
     cases = [("tutorial", "ours", n) for n in args.sizes] + [("tutorial", "torch", n) for n in args.torch_sizes]
@@ -181,6 +204,7 @@ def main() -> None:
     cases += [("clipping-function", "ours", n) for n in args.clipping_sizes]
     cases += [("torch-clipping-function", "ours", n) for n in args.torch_clipping_sizes]
     cases += [("train-step", contender, None) for contender in TRAIN_STEP_CONTENDERS]
+    cases += [("train-step-pair", baseline, None) for baseline in TRAIN_STEP_CONTENDERS[1:]]
     for kind, contender, n in cases:
         row = {"case": kind, "contender": contender, "tensors": n,
                **_in_fresh_process(kind, contender, *([str(n)] if n else []))}
