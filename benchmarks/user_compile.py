@@ -24,7 +24,8 @@ with an empty Inductor cache (so "cold" includes every compile the case needs, o
   transformer (112 param tensors), ours against torch's foreach and fused, each in a fresh
   process: cold compile, and a steady call that moves with the machine.
 * ``train-step-pair``: the same compiled train steps, ours and one of torch's in one fresh
-  process, calls alternating, so the steady ratio is from the same minutes. Torch's is compiled
+  process, calls alternating, so the steady ratio is from the same minutes (the row names torch's
+  as its contender: ``steady_ms`` is ours, ``baseline_ms`` torch's). Torch's is compiled
   first: compiled after ours or fused, torch's foreach step fails in torch 2.13 ("Expected
   scalars to be on CPU, got meta"), and so do the three together.
 
