@@ -45,6 +45,8 @@ import time
 
 import torch
 
+from .measure import in_turn
+
 TUTORIAL_SIZES = (10, 100, 1_000, 10_000)
 STEADY_CALLS = 20
 
@@ -155,7 +157,6 @@ def train_step(contender: str) -> dict:
 def train_step_pair(baseline: str) -> dict:
     """Ours against torch's ``baseline`` compiled train step in this fresh process, calls
     alternating (in a rotating order, as ``benchmarks.loop`` does) after three warm-up calls each."""
-    from .measure import in_turn
     steps = {}
     for contender in (baseline, "ours"):  # torch's first: see ``train-step-pair`` above
         steps[contender] = _compiled_train_step(contender)[1]
