@@ -83,10 +83,12 @@ its tensors' metadata in a ``TensorGuards`` (Note [a step that looks once] in
 ``metadata_check.py``: type, dispatch keys, dtype, device, requires_grad, exact sizes and
 strides), and a later call without per-call options whose tensors match it, None where it had
 None, runs that graph without Dynamo's check: tensors that match exactly pass every tensor and
-shape guard the first call passed. What else Dynamo guards -- global state such as grad mode,
-autocast or a torch function mode, and the globals the kernel's code reads -- does not reach a
-graph called directly, whose generated code runs the same whatever they are; a stance other than
-the default still goes through ``torch.compile``. Such a call also builds no dict of the frame's
+shape guard the first call passed. What else Dynamo guards -- global state such as grad mode
+or a torch function mode, and the globals the kernel's code reads -- does not reach a graph
+called directly, whose generated code runs the same whatever they are: a step inside a user's
+``TorchFunctionMode`` compiles nothing. Autocast does change the dispatch keys the tensors are
+checked with, so the first call under it goes through Dynamo's guards (and compiles once for
+it), as before this Note; a stance other than the default still goes through ``torch.compile``. Such a call also builds no dict of the frame's
 locals: the graph's inputs are picked from the arguments in one C call, the sizes among them
 being the first call's (equal sizes give the same): with cold caches every line of Python
 costs, and a call took 3-19 us more than Inductor's graph called alone, where it had taken 24-34

@@ -223,6 +223,40 @@ def test_a_call_that_looks_as_before_skips_dynamos_guard_check():
     assert counters["stats"]["unique_graphs"] - graphs_before == 3
 
 
+def test_a_step_under_a_users_torch_function_mode_compiles_nothing_and_autocast_compiles_once():
+    """Note [calls that look as before]: Dynamo guards its cache entries on the torch function mode
+    stack, so a kernel call under a user's mode would compile again; a call whose tensors look as
+    before runs Inductor's graph, which the mode does not reach, so a step inside a user's
+    ``TorchFunctionMode`` compiles nothing. Autocast changes the dispatch keys the tensors are
+    checked with: the first step under it goes through Dynamo's guards and compiles once, the
+    next looks as before. Every step is torch's."""
+
+    class Watching(torch.overrides.TorchFunctionMode):
+        def __torch_function__(self, func, types, args=(), kwargs=None):
+            return func(*args, **(kwargs or {}))
+
+    model, twin = model_and_twin()
+    optimizer, reference = ours(model), torch.optim.AdamW(twin.parameters(), lr=1e-2)
+    train(model, optimizer, range(2))
+    train(twin, reference, range(2))
+
+    def step_both_under(context_for_step, step):
+        for m, o in ((model, optimizer), (twin, reference)):
+            x, y = batch(step)
+            o.zero_grad()
+            torch.nn.functional.mse_loss(m(x), y).backward()
+            with context_for_step():
+                o.step()
+
+    graphs_before = counters["stats"]["unique_graphs"]
+    step_both_under(Watching, 2)
+    assert counters["stats"]["unique_graphs"] == graphs_before
+    for step in (3, 4):
+        step_both_under(lambda: torch.autocast("cpu", dtype=torch.bfloat16), step)
+    assert counters["stats"]["unique_graphs"] == graphs_before + 1
+    assert_models_close(model, twin)
+
+
 def test_without_dynamos_tensor_guards_every_kernel_call_is_checked_by_dynamo(monkeypatch):
     """Where ``TensorGuards`` is missing (Note [a step that looks once]), no call looks as before
     (Note [calls that look as before]): each is checked by Dynamo's guards, nothing is kept call
