@@ -284,7 +284,7 @@ class _Kernel:
         for entry in self._entries:
             if entry.guards.check(frame_locals):
                 result = entry(tensors, options, frame_locals)
-                if entry.graph is not None and options is self._static:  # Note [calls that look as before]
+                if entry.direct and options is self._static:  # Note [calls that look as before]
                     looked = _Looked.of(tensors, self._names, entry.graph)
                     if looked.matches(tensors):  # never where TensorGuards is missing: nothing to keep
                         self._looked.setdefault(_length_of_first(tensors), []).append(looked)
