@@ -7,7 +7,9 @@ with an empty Inductor cache (so "cold" includes every compile the case needs, o
   purpose, and the scheduler's wrapper of ``opt.step`` is in a file Dynamo refuses to trace), so
   it runs without fullgraph, with a float lr and no scheduler. Reported: the
   first call (cold compile), the second, graphs compiled after the first call, and the steady
-  call against the same function called eagerly in the same process (interleaved). The step compiled
+  call against the same function called eagerly in the same process (interleaved), and torch.compile's
+  own cost per call there: a compiled ``fullgraph=True`` function that only adds 1 to a 0-dim
+  tensor, called under the same conditions (after fresh grads, interleaved). The step compiled
   on its own traces no param (Note [a step alone with the params]).
 * ``recipe``: the same, with ``opt.step()`` as the whole body of a function compiled with
   ``fullgraph=True`` (the compiled-optimizer recipe's ``fn``; ours only): also stepped alone.
@@ -20,6 +22,8 @@ with an empty Inductor cache (so "cold" includes every compile the case needs, o
 * ``torch-clipping-function``: the same, clipping with torch's ``clip_grad_norm_`` (ours only):
   its graph reads and writes the grads, so its trace takes every grad and param as an input (Note
   [one opaque step in a user's trace]), after a first trace that found them touched.
+* ``torch-clip-alone``: torch's ``clip_grad_norm_`` alone in a compiled function, no step (torch):
+  what the ``torch-clipping-function`` row's cold compile would cost without any optimizer.
 * ``train-step``: forward, backward, step and zero_grad in one ``torch.compile`` on a small
   transformer (112 param tensors), ours against torch's foreach and fused, each in a fresh
   process: cold compile, and a steady call that moves with the machine.
@@ -71,7 +75,7 @@ def tutorial(contender: str, n: int, how: str = "tutorial") -> dict:
     else:
         optimizer = torch.optim.AdamW(params, lr=1e-3, foreach=True)
         scheduler = None
-    calls_counted = torch.zeros(())
+    calls_counted, trivial_counter = torch.zeros(()), torch.zeros(())
 
     def recipe():
         optimizer.step()
@@ -88,8 +92,15 @@ def tutorial(contender: str, n: int, how: str = "tutorial") -> dict:
         torch.nn.utils.clip_grad_norm_(params, 1e3)
         optimizer.step()
 
+    def torch_clip_alone():
+        torch.nn.utils.clip_grad_norm_(params, 1e3)
+
+    def trivial():
+        trivial_counter.add_(1)
+
     uncompiled = {"tutorial": optimizer.step, "recipe": recipe, "users-function": users_function,
-                  "clipping-function": clipping_function, "torch-clipping-function": torch_clipping_function}[how]
+                  "clipping-function": clipping_function, "torch-clipping-function": torch_clipping_function,
+                  "torch-clip-alone": torch_clip_alone}[how]
     # torch's step has a deliberate graph break (torch._dynamo.graph_break()): fullgraph fails.
     compiled = torch.compile(uncompiled, fullgraph=contender == "ours")
 
@@ -97,21 +108,27 @@ def tutorial(contender: str, n: int, how: str = "tutorial") -> dict:
         for p in params:
             p.grad = torch.randn(1024)
 
-    calls, eager = [], []
+    calls, eager, floor = [], [], []
     for call in range(2 + STEADY_CALLS):
         fresh_grads()
         calls.append(_timed(compiled))
         if scheduler is not None:
             scheduler.step()
         if call == 0:
+            compiled_trivial = torch.compile(trivial, fullgraph=True)
+            compiled_trivial()
             graphs_after_first = _graphs()
-        if call >= 2 and contender == "ours":
+        if call >= 2:
+            if contender == "ours":
+                fresh_grads()
+                eager.append(_timed(uncompiled))
             fresh_grads()
-            eager.append(_timed(uncompiled))
+            floor.append(_timed(compiled_trivial))
     steady = statistics.median(calls[2:])
     return dict(cold_s=calls[0], second_s=calls[1], recompiles=_graphs() - graphs_after_first,
-                steady_ms=steady * 1e3,
-                steady_x_eager=steady / statistics.median(eager) if eager else None)
+                steady_ms=steady * 1e3, eager_ms=statistics.median(eager) * 1e3 if eager else None,
+                steady_x_eager=steady / statistics.median(eager) if eager else None,
+                compiled_call_floor_ms=statistics.median(floor) * 1e3)
 
 
 def _small_transformer() -> torch.nn.Module:
@@ -189,6 +206,8 @@ def main() -> None:
                         help="tensor counts for ours stepped inside a user's function that clips first")
     parser.add_argument("--torch-clipping-sizes", type=int, nargs="*", default=[10, 100, 1_000],
                         help="tensor counts for ours stepped inside a function that clips with torch's")
+    parser.add_argument("--torch-clip-alone-sizes", type=int, nargs="*", default=[10, 100, 1_000],
+                        help="tensor counts for torch's clip_grad_norm_ compiled alone")
     parser.add_argument("--torch-sizes", type=int, nargs="*", default=[10, 100, 1_000],
                         help="tensor counts for torch's compiled AdamW (10,000 takes far longer)")
     parser.add_argument("--out", help="write the results here as JSON")
@@ -205,6 +224,7 @@ def main() -> None:
     cases += [("users-function", "ours", n) for n in args.function_sizes]
     cases += [("clipping-function", "ours", n) for n in args.clipping_sizes]
     cases += [("torch-clipping-function", "ours", n) for n in args.torch_clipping_sizes]
+    cases += [("torch-clip-alone", "torch", n) for n in args.torch_clip_alone_sizes]
     cases += [("train-step", contender, None) for contender in TRAIN_STEP_CONTENDERS]
     cases += [("train-step-pair", baseline, None) for baseline in TRAIN_STEP_CONTENDERS[1:]]
     for kind, contender, n in cases:
