@@ -102,7 +102,8 @@ def tutorial(contender: str, n: int, how: str = "tutorial") -> dict:
                   "clipping-function": clipping_function, "torch-clipping-function": torch_clipping_function,
                   "torch-clip-alone": torch_clip_alone}[how]
     # torch's step has a deliberate graph break (torch._dynamo.graph_break()): fullgraph fails.
-    compiled = torch.compile(uncompiled, fullgraph=contender == "ours")
+    # Torch's clip alone has none: it compiles with fullgraph=True, as the torch-clipping row does.
+    compiled = torch.compile(uncompiled, fullgraph=contender == "ours" or how == "torch-clip-alone")
 
     def fresh_grads():
         for p in params:
