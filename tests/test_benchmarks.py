@@ -94,3 +94,16 @@ def test_first_step_in_a_fresh_process(tmp_path):
     seconds = first_step_in_fresh_process(ours, workload, device="cpu", cache_dir=str(tmp_path), timeout=300)
     assert isinstance(seconds, float) and seconds > 0, seconds
     assert any(tmp_path.iterdir()), "the compile left nothing in the given cache"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("case, contender", [("recipe", "ours"), ("torch-clip-alone", "torch")])
+def test_a_user_compile_row_sets_the_compiled_call_beside_the_eager_one_and_torch_compiles_own(case, contender):
+    """``benchmarks.user_compile``'s child, in its fresh process: no recompile, and a steady call
+    reported with the eager call and an empty compiled function's call timed in the same loop."""
+    from benchmarks.user_compile import _in_fresh_process
+
+    row = _in_fresh_process(case, contender, "4")
+    assert row["recompiles"] == 0 and row["cold_s"] > 0, row
+    assert row["steady_ms"] > 0 and row["eager_ms"] > 0 and row["compiled_call_floor_ms"] > 0, row
+    assert row["steady_x_eager"] == pytest.approx(row["steady_ms"] / row["eager_ms"]), row
