@@ -5,12 +5,12 @@ with an empty Inductor cache (so "cold" includes every compile the case needs, o
   of 1,024 elements, N = 10 ... 10,000. Ours runs with ``fullgraph=True`` and OneCycleLR (beta1
   cycling) attached and stepped between calls; torch's cannot (its step breaks the graph on
   purpose, and the scheduler's wrapper of ``opt.step`` is in a file Dynamo refuses to trace), so
-  it runs without fullgraph, with a float lr and no scheduler. Reported: the
-  first call (cold compile), the second, graphs compiled after the first call, and the steady
-  call against the same function called eagerly in the same process (interleaved), and torch.compile's
-  own cost per call there: a compiled ``fullgraph=True`` function that only adds 1 to a 0-dim
-  tensor, called under the same conditions (after fresh grads, interleaved). The step compiled
-  on its own traces no param (Note [a step alone with the params]).
+  it runs without fullgraph, with a float lr and no scheduler. Reported: the first call (cold
+  compile), the second, graphs compiled after the first call, and the steady call against the
+  same function called eagerly in the same process (interleaved), and torch.compile's own cost per
+  call there: a compiled ``fullgraph=True`` function that only adds 1 to a 0-dim tensor, called
+  under the same conditions (after fresh grads, interleaved). The step compiled on its own traces
+  no param (Note [a step alone with the params]).
 * ``recipe``: the same, with ``opt.step()`` as the whole body of a function compiled with
   ``fullgraph=True`` (the compiled-optimizer recipe's ``fn``; ours only): also stepped alone.
 * ``users-function``: the same, in a user's ``fullgraph=True`` function that does more than step
@@ -23,8 +23,7 @@ with an empty Inductor cache (so "cold" includes every compile the case needs, o
   its graph reads and writes the grads, so its trace takes every grad and param as an input (Note
   [one opaque step in a user's trace]), after a first trace that found them touched.
 * ``torch-clip-alone``: torch's ``clip_grad_norm_`` alone in a compiled function, no step (torch):
-  what the ``torch-clipping-function`` row's cold compile would cost without any optimizer, and
-  its steady call against the same clip called eagerly.
+  what the ``torch-clipping-function`` row's cold compile would cost without any optimizer.
 * ``train-step``: forward, backward, step and zero_grad in one ``torch.compile`` on a small
   transformer (112 param tensors), ours against torch's foreach and fused, each in a fresh
   process: cold compile, and a steady call that moves with the machine.
@@ -121,15 +120,14 @@ def tutorial(contender: str, n: int, how: str = "tutorial") -> dict:
             compiled_trivial()
             graphs_after_first = _graphs()
         if call >= 2:
-            if contender == "ours" or how == "torch-clip-alone":
-                fresh_grads()
-                eager.append(_timed(uncompiled))
+            fresh_grads()
+            eager.append(_timed(uncompiled))
             fresh_grads()
             floor.append(_timed(compiled_trivial))
     steady = statistics.median(calls[2:])
     return dict(cold_s=calls[0], second_s=calls[1], recompiles=_graphs() - graphs_after_first,
-                steady_ms=steady * 1e3, eager_ms=statistics.median(eager) * 1e3 if eager else None,
-                steady_x_eager=steady / statistics.median(eager) if eager else None,
+                steady_ms=steady * 1e3, eager_ms=statistics.median(eager) * 1e3,
+                steady_x_eager=steady / statistics.median(eager),
                 compiled_call_floor_ms=statistics.median(floor) * 1e3)
 
 
