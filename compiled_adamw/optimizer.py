@@ -176,6 +176,7 @@ class AdamW(torch.optim.Optimizer):
         self._handle_name = str(self._handle)
         self._traced_with_others: weakref.WeakSet[types.CodeType] = weakref.WeakSet()
         self._traced_param_pointers: list[int] = []  # Note [a param the graph wrote before the step]
+        self.step = _step_of_its_own(self)
 
     # ---- the step -----------------------------------------------------------------------------
 
@@ -415,6 +416,30 @@ class AdamW(torch.optim.Optimizer):
                     bucket.load_state(loaded, self.state)
             if self.differentiable:
                 _share_equal_steps(self)
+
+
+def _step_of_its_own(optimizer: AdamW) -> Callable[..., Any]:
+    """Note [a step frame per optimizer]: ``torch.compile(opt.step)`` compiles the frame of the
+    function ``opt.step`` is. On the class that is torch's step wrapper, whose code object every
+    optimizer shares; Dynamo guards an optimizer by identity, keeps a cache entry per optimizer on
+    that code object, and past ``torch._dynamo.config.recompile_limit`` (8) raises under
+    ``fullgraph=True`` (runs eagerly otherwise), counting the entries of optimizers since freed
+    (measured, torch 2.13: the ninth optimizer of a process whose step was compiled with
+    ``fullgraph=True`` failed, the eight before it deallocated). So each optimizer's ``step`` is an
+    attribute of its own: a function with a code object of its own that calls the class's step
+    (hooks and all). It holds the optimizer by a weak reference, so the optimizer is still freed
+    when its last reference goes; a user's function compiled once and called with one optimizer
+    after another still shares its own code object, which only the user can give more room."""
+    optimizer_ref = weakref.ref(optimizer)
+
+    def step(*args: Any, **kwargs: Any) -> Any:
+        optimizer = optimizer_ref()
+        return type(optimizer).step(optimizer, *args, **kwargs)
+
+    own = types.FunctionType(step.__code__.replace(), step.__globals__, "step", None, step.__closure__)
+    own.__doc__ = AdamW.step.__doc__
+    own._wrapped_by_lr_sched = True  # type: ignore[attr-defined]  # Note [a step that schedulers need not wrap]
+    return own
 
 
 def _param_name(group: int, position: int) -> str:

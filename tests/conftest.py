@@ -17,8 +17,8 @@ def one_process_group(tmp_path):
 
 @pytest.fixture(autouse=True, scope="session")
 def room_for_every_tests_optimizer():
-    """Dynamo keeps one cache entry per optimizer on one code object (torch's step wrapper, or
-    ``helpers.compiled_by_user``'s function) and stops compiling past its recompile limit (8): the
-    suite builds far more optimizers than a program does."""
+    """Dynamo keeps one cache entry per optimizer on one code object (``helpers.compiled_by_user``'s
+    function, or torch's step wrapper for torch's optimizers) and stops compiling past its
+    recompile limit (8): the suite builds far more optimizers than a program does."""
     with torch._dynamo.config.patch(recompile_limit=1024):
         yield

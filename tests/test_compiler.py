@@ -7,6 +7,8 @@ import json
 import os
 import subprocess
 import sys
+import types
+import weakref
 from typing import Any, Callable
 
 import pytest
@@ -634,6 +636,25 @@ class _ClippingAdamW(AdamW):
     def step(self, closure=None):
         torch.nn.utils.clip_grad_norm_(self.clipped, 0.05)
         return super().step(closure)
+
+
+def test_each_optimizers_compiled_step_has_a_cache_of_its_own():
+    """Note [a step frame per optimizer]: under Dynamo's default recompile limit (8), nine
+    optimizers, one after another, each step through ``torch.compile(opt.step, fullgraph=True)``
+    as torch's AdamW steps (the ninth raised when every optimizer compiled torch's one step
+    wrapper), and each is freed when its last reference goes."""
+    with torch._dynamo.config.patch(recompile_limit=8):
+        for _ in range(9):
+            model, twin = model_and_twin()
+            optimizer = AdamW(model.parameters(), lr=1e-2)
+            compiled = types.SimpleNamespace(zero_grad=optimizer.zero_grad,
+                                             step=torch.compile(optimizer.step, fullgraph=True))
+            train(model, compiled, range(2))
+            train(twin, torch.optim.AdamW(twin.parameters(), lr=1e-2), range(2))
+            assert_models_close(model, twin)
+            freed = weakref.ref(optimizer)
+            del optimizer, compiled
+            assert freed() is None, "the optimizer outlived its last reference"
 
 
 def test_a_subclass_whose_step_changes_the_grads_is_stepped_with_the_changed_grads_when_compiled():
