@@ -170,8 +170,9 @@ class AdamW(torch.optim.Optimizer):
 
     def _register_for_traces(self) -> None:
         """What a user's trace finds this optimizer by (Note [one opaque step in a user's trace]),
-        and the frames traced with the op that takes the params (Note [a step alone with the
-        params])."""
+        the frames traced with the op that takes the params (Note [a step alone with the
+        params]), and the step function whose frame ``torch.compile(opt.step)`` compiles (Note [a
+        step frame per optimizer])."""
         self._handle = register(self)
         self._handle_name = str(self._handle)
         self._traced_with_others: weakref.WeakSet[types.CodeType] = weakref.WeakSet()
