@@ -126,7 +126,7 @@ from .functional import step_flat
 from .metadata_check import unchanged_check
 from .update import Coefficients, adamw_coefficients, adamw_elementwise, compute_dtype
 
-__all__ = ["apply_update_", "differentiable_kernel", "packed_coefficients", "reset",
+__all__ = ["apply_update_", "differentiable_kernel", "own_code_copy", "packed_coefficients", "reset",
            "update_kernel", "without_base"]
 
 
@@ -171,9 +171,12 @@ def apply_update_(
         max_exp_avg_sq.copy_(new_max)
 
 
-def _own_code_copy(fn: Callable, name: str) -> Callable:
-    """``fn`` with a private copy of its code object (Note [one code object per configuration])."""
-    code = fn.__code__.replace(co_name=name, co_qualname=name)
+def own_code_copy(fn: Callable, name: str) -> Callable:
+    """``fn`` with a private copy of its code object, named ``name`` (Note [one code object per
+    configuration]; Note [a step frame per optimizer] in ``optimizer.py``). Python 3.10's code
+    objects have no ``co_qualname`` (``replace`` refuses it there)."""
+    code = fn.__code__
+    code = code.replace(co_name=name, **({"co_qualname": name} if hasattr(code, "co_qualname") else {}))
     copy = types.FunctionType(code, fn.__globals__, name, fn.__defaults__, fn.__closure__)
     copy.__kwdefaults__ = fn.__kwdefaults__
     copy.__doc__ = fn.__doc__
@@ -238,7 +241,7 @@ class _Kernel:
     take them as they are (Note [inputs without a view base])."""
 
     def __init__(self, fn: Callable[..., Any], name: str, *, dynamic: bool, direct: bool, **static: Any):
-        function = _own_code_copy(fn, name)
+        function = own_code_copy(fn, name)
         self.compiled = (torch.compile(function, fullgraph=True, dynamic=dynamic, backend=self._compile) if direct
                          else torch.compile(function, fullgraph=True, dynamic=dynamic, options=_INDUCTOR_OPTIONS))
         self._code, self._globals = function.__code__, function.__globals__

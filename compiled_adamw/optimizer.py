@@ -24,7 +24,7 @@ from .flat_bucket import STATE_KEYS, FlatBucket, StepPlan, check_grad, group_int
 from .functional import group_key, step_together
 from .hyperparameters import (GROUP_KEYS, OPTIONAL_DEFAULTS, SCALAR_NAMES, GroupSettings, ParamGroup, check_value,
                               group_value)
-from .kernels import differentiable_kernel, update_kernel
+from .kernels import differentiable_kernel, own_code_copy, update_kernel
 from .opaque_step import grad_norm_alone, register, step_alone, step_opaquely, traced_alone
 
 __all__ = ["AdamW"]
@@ -437,7 +437,7 @@ def _step_of_its_own(optimizer: AdamW) -> Callable[..., Any]:
         optimizer = optimizer_ref()
         return type(optimizer).step(optimizer, *args, **kwargs)
 
-    own = types.FunctionType(step.__code__.replace(), step.__globals__, "step", None, step.__closure__)
+    own = own_code_copy(step, "step")
     own.__doc__ = AdamW.step.__doc__
     own._wrapped_by_lr_sched = True  # type: ignore[attr-defined]  # Note [a step that schedulers need not wrap]
     return own
