@@ -422,20 +422,22 @@ class AdamW(torch.optim.Optimizer):
 def _step_of_its_own(optimizer: AdamW) -> Callable[..., Any]:
     """Note [a step frame per optimizer]: ``torch.compile(opt.step)`` compiles the frame of the
     function ``opt.step`` is. On the class that is torch's step wrapper, whose code object every
-    optimizer shares; Dynamo guards an optimizer by identity, keeps a cache entry per optimizer on
-    that code object, and past ``torch._dynamo.config.recompile_limit`` (8) raises under
-    ``fullgraph=True`` (runs eagerly otherwise), counting the entries of optimizers since freed
-    (measured, torch 2.13: the ninth optimizer of a process whose step was compiled with
-    ``fullgraph=True`` failed, the eight before it deallocated). So each optimizer's ``step`` is an
-    attribute of its own: a function with a code object of its own that calls the class's step
-    (hooks and all). It holds the optimizer by a weak reference, so the optimizer is still freed
-    when its last reference goes; a user's function compiled once and called with one optimizer
-    after another still shares its own code object, which only the user can give more room."""
+    optimizer shares; Dynamo guards an optimizer by identity and keeps a cache entry per optimizer
+    on that code object, entries of optimizers since freed included. Past
+    ``torch._dynamo.config.recompile_limit`` (8) it raises under ``fullgraph=True`` and otherwise
+    warns and runs the step uncompiled (measured, torch 2.13: the ninth optimizer of a process
+    whose step was compiled with ``fullgraph=True`` failed, the eight before it deallocated; with
+    torch's AdamW and no fullgraph, no graph was compiled for the ninth and tenth). So each
+    optimizer's ``step`` is an attribute of its own: a function with a code object of its own that
+    calls the class's step (hooks and all). It holds the optimizer by a weak reference, so the
+    optimizer is still freed when its last reference goes; a user's function compiled once and
+    called with one optimizer after another still shares its own code object, which only the user
+    can give more room."""
     optimizer_ref = weakref.ref(optimizer)
 
     def step(*args: Any, **kwargs: Any) -> Any:
-        optimizer = optimizer_ref()
-        return type(optimizer).step(optimizer, *args, **kwargs)
+        stepped = optimizer_ref()
+        return type(stepped).step(stepped, *args, **kwargs)
 
     own = own_code_copy(step, "step")
     own.__doc__ = AdamW.step.__doc__
