@@ -71,7 +71,7 @@ def check_capturable(optimizer: AdamW, *, device_type: str = "cuda") -> None:
 
 def _is_counter_of(optimizer: AdamW, group_index: int, step: Tensor) -> bool:
     """Whether ``step`` is a view of one of the group's device step counters."""
-    return any(step._base is bucket.steps for bucket in optimizer._buckets[group_index])
+    return any(step._base is bucket.shown_steps for bucket in optimizer._buckets[group_index])
 
 
 class CapturedIteration:

@@ -58,20 +58,22 @@ stepped. A kernel call uses one step count for all its params, which is right on
 counts are equal. The host knows when they are: params that have always been stepped together
 share a *cohort* id. A step runs the kernel over maximal runs of params that have a grad and share
 a cohort; the stepped ones then move to a fresh cohort. When every param has a grad (the usual
-case) there is one run per bucket. Cohorts are rebuilt from the step values when state is loaded;
-writing to ``state[p]["step"]`` by hand is not supported.
+case) there is one run per bucket. Cohorts are rebuilt from the step values when state is loaded,
+and when a step finds that the user wrote a step count (Note [state the user writes] in
+``written_state.py``).
 """
 
 from __future__ import annotations
 
 import itertools
-from typing import Callable, Iterable, Iterator, Mapping, MutableMapping, NamedTuple
+from typing import Callable, Iterable, Iterator, Mapping, NamedTuple
 
 import torch
 from torch import Tensor
 
 from .kernels import without_base
 from .metadata_check import unchanged_check
+from .written_state import WatchedState
 
 __all__ = ["ALIGNMENT", "CHUNK_ELEMENTS", "DIRECT_ELEMENTS", "STATE_KEYS", "FlatBucket", "StepPlan",
            "bucket_key", "check_grad", "group_into_buckets", "is_sharded", "memory_of"]
@@ -209,6 +211,9 @@ class FlatBucket:
         # Allocated with the first state, as torch does: building the optimizer costs no state memory.
         self.exp_avg = self.exp_avg_sq = self.max_exp_avg_sq = None
         self.steps = _static(torch.zeros(len(params), dtype=torch.float32, device=self.device))
+        # What ``optimizer.state[p]["step"]`` views: the same memory with a version counter of its
+        # own, which only writes through those views bump (Note [state the user writes]).
+        self.shown_steps = torch.empty(0, device=self.device).set_(self.steps)
         self.step_aliases = [without_base(self.steps[i]) for i in range(len(params))]
         self.prepared: dict[tuple, list[_Call]] = {}
         self.cohorts = [0] * len(params)
@@ -225,6 +230,12 @@ class FlatBucket:
                     self.flat_param[self.starts[i] : self.ends[i]].zero_()
         self._last_present: list[bool] | None = None  # the first plan looks closer
         self._away, self._tangled = frozenset(), frozenset()
+        self._shown_steps_version = self.shown_steps._version
+
+    def step_count_written(self) -> bool:
+        """Whether a step count was written through ``optimizer.state[p]["step"]`` since the
+        bucket last loaded state (Note [state the user writes])."""
+        return self.shown_steps._version != self._shown_steps_version
 
     def _zeros(self, length: int) -> Tensor:
         return _static(torch.zeros(length, dtype=self.real_dtype, device=self.device))
@@ -265,7 +276,7 @@ class FlatBucket:
 
     def state_views(self, i: int) -> dict[str, Tensor]:
         """Param ``i``'s state in torch.optim.AdamW's format, as live views of the flat buffers."""
-        state = {"step": self.steps[i]}
+        state = {"step": self.shown_steps[i]}
         for key in STATE_KEYS:
             buffer = getattr(self, key)
             if buffer is not None:
@@ -291,7 +302,7 @@ class FlatBucket:
             self.max_exp_avg_sq = self._zeros(self.length)
             self.prepared.clear()
 
-    def set_amsgrad(self, amsgrad: bool, state: MutableMapping[Tensor, dict]) -> None:
+    def set_amsgrad(self, amsgrad: bool, state: WatchedState) -> None:
         """Follow ``group["amsgrad"]``; the params' state gains or loses ``max_exp_avg_sq`` with it,
         so that what ``optimizer.state`` and checkpoints hold is what the step uses."""
         if amsgrad == self.amsgrad:
@@ -302,32 +313,39 @@ class FlatBucket:
             self._allocate_state()
         self.prepared.clear()
         for i in itertools.compress(range(len(self.params)), self.has_state):
-            state[self.params[i]] = self.state_views(i)
+            self._keep_views(i, state)
 
-    def load_state(self, loaded: Mapping[Tensor, Mapping[str, Tensor]],
-                   state: MutableMapping[Tensor, dict]) -> None:
+    def _keep_views(self, i: int, state: WatchedState) -> None:
+        """``state[param]`` becomes param ``i``'s views, and keeps whatever else the user put there."""
+        param = self.params[i]
+        others = {key: value for key, value in state.get(param, {}).items() if key not in ("step", *STATE_KEYS)}
+        state.keep(param, {**self.state_views(i), **others})
+
+    def load_state(self, loaded: Mapping[Tensor, Mapping[str, Tensor]], state: WatchedState) -> None:
         """Copy validated ``loaded[param]`` values into the buffers (``copy_`` casts and moves them,
-        as torch's ``load_state_dict`` does); ``state`` gets the views."""
-        if any(loaded.get(param) is not None for param in self.params):
+        as torch's ``load_state_dict`` does, and skips a view onto itself); ``state`` gets the
+        views. An empty entry is no state: torch's step starts such a param afresh."""
+        if any(loaded.get(param) for param in self.params):
             self._allocate_state()
         for i, param in enumerate(self.params):
-            values = loaded.get(param)
-            self.has_state[i] = values is not None
+            values = loaded.get(param) or {}
+            self.has_state[i] = bool(values)
             for key in ("step", *STATE_KEYS):
                 buffer = self.steps[i] if key == "step" else getattr(self, key)
                 if buffer is None:
                     continue
                 target = buffer if key == "step" else self._view(buffer, i)
-                if values is not None and key in values:
+                if key in values:
                     target.copy_(memory_of(values[key]))
                 else:
                     target.zero_()
-            if values is not None:
-                state[param] = self.state_views(i)
-            else:
-                state.pop(param, None)
+            if values:
+                self._keep_views(i, state)
+            elif param in state:
+                state.keep(param, {})
         cohort_of_step: dict[float, int] = {}
         self.cohorts = [cohort_of_step.setdefault(s, len(cohort_of_step)) for s in self.steps.tolist()]
+        self._shown_steps_version = self.shown_steps._version
 
     # ---- one step -----------------------------------------------------------------------------
 
@@ -477,7 +495,7 @@ class FlatBucket:
         state = [buffer for buffer in (self.exp_avg, self.exp_avg_sq, self.max_exp_avg_sq) if buffer is not None]
         torch.autograd.graph.increment_version([*stepped, *state])
 
-    def init_state(self, state: MutableMapping[Tensor, dict]) -> None:
+    def init_state(self, state: WatchedState) -> None:
         """Give each param that has a grad and no state yet its state views."""
         if all(self.has_state):
             return
@@ -485,7 +503,7 @@ class FlatBucket:
         for i, param in enumerate(self.params):
             if not self.has_state[i] and param.grad is not None:
                 self.has_state[i] = True
-                state[param] = self.state_views(i)
+                self._keep_views(i, state)
 
     def _update_one(self, call: _Call, memory: Tensor, grad: Tensor, scalars: tuple[Tensor, Tensor],
                     update: Callable[..., None]) -> None:

@@ -26,6 +26,7 @@ from .hyperparameters import (GROUP_KEYS, OPTIONAL_DEFAULTS, SCALAR_NAMES, Group
                               group_value)
 from .kernels import differentiable_kernel, own_code_copy, update_kernel
 from .opaque_step import grad_norm_alone, register, step_alone, step_opaquely, traced_alone
+from .written_state import ParamState, WatchedState
 
 __all__ = ["AdamW"]
 
@@ -99,8 +100,21 @@ class AdamW(torch.optim.Optimizer):
         self._buckets: list[list[FlatBucket]] = []
         self._step_called = [False]
         self._clip: list[Tensor | None] = [None]  # Note [clipping inside the step]
+        self._state_written = [False]  # Note [state the user writes]
         self._register_for_traces()
         super().__init__(params, defaults)
+        self._state_written[0] = False  # torch's __init__ assigned the empty state
+
+    @property
+    def state(self) -> WatchedState:
+        """As torch's ``optimizer.state``: each param's state, in torch.optim.AdamW's format. What
+        you write here is what the next step uses (Note [state the user writes])."""
+        return self._state
+
+    @state.setter
+    def state(self, values: dict[Any, Any]) -> None:
+        self._state_written[0] = True
+        self._state = WatchedState(values, self._state_written)
 
     # ---- groups -------------------------------------------------------------------------------
 
@@ -148,7 +162,13 @@ class AdamW(torch.optim.Optimizer):
         """As torch.optim.AdamW's: fills what older checkpoints lack. torch's ``load_state_dict``
         calls it too; an unpickled or copied optimizer (which has no buckets yet) is rebuilt."""
         pending_clip = state.pop("_pending_clip", None)
+        if "_state_written" not in self.__dict__:  # unpickled or copied
+            self._state_written = [False]
+        # torch's __setstate__ writes the dict the ``state`` property reads past it.
+        params_state = state.pop("state", None)
         super().__setstate__(state)
+        if params_state is not None:
+            self.state = params_state
         for group in self.param_groups:
             for key, default in {**_TORCH_DEFAULTS, **OPTIONAL_DEFAULTS}.items():
                 group.setdefault(key, default)
@@ -228,6 +248,8 @@ class AdamW(torch.optim.Optimizer):
         inside the step])."""
         for index, (group, settings) in enumerate(zip(self.param_groups, self._settings)):
             _check_params_unchanged(index, group, settings)
+        if self._state_written[0] or any(bucket.step_count_written() for buckets in self._buckets for bucket in buckets):
+            self._load_written_state()
         grad_was_enabled = torch.is_grad_enabled()
         torch._C._set_grad_enabled(False)  # torch.no_grad(), at a fifth of its 1.1 us
         try:
@@ -338,11 +360,12 @@ class AdamW(torch.optim.Optimizer):
 
     def _step_differentiable(self, params: list[Tensor], settings: GroupSettings, scaler: Tensor | None,
                              tracing: bool) -> None:
-        """Note [differentiable runs]: params whose state shares one step tensor (they have always
-        been stepped together, which the host knows without reading a value) and a dtype are
-        stepped by one call of :func:`~compiled_adamw.functional.step_together`. Params are
-        written in place (``copy_`` keeps their identity and records the history); state entries
-        are replaced by the new tensors, and the members of a run get one new step tensor."""
+        """Note [differentiable runs]: params whose step counts are views of one vector (they have
+        always been stepped together, which the host knows without reading a value) and share a
+        dtype are stepped by one call of :func:`~compiled_adamw.functional.step_together`. Params
+        are written in place (``copy_`` keeps their identity and records the history); state
+        entries are replaced by the new tensors, and the members of a run get views of one new
+        vector of counts, each a count of its own to write (Note [state the user writes])."""
         amsgrad, maximize = settings.amsgrad, settings.maximize
         compiled = self.compile and not tracing
         runs: dict[tuple, list[Tensor]] = {}
@@ -359,7 +382,7 @@ class AdamW(torch.optim.Optimizer):
                 state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
             if amsgrad and "max_exp_avg_sq" not in state:
                 state["max_exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-            runs.setdefault((id(state["step"]), *group_key(p)), []).append(p)
+            runs.setdefault((_run_of(state["step"], tracing), *group_key(p)), []).append(p)
         hyperparameters: dict[torch.device, Tensor] = {}
         for (_, real_dtype, _, device), members in runs.items():
             if device not in hyperparameters:
@@ -373,10 +396,10 @@ class AdamW(torch.optim.Optimizer):
                 amsgrad=amsgrad, maximize=maximize, scaled=scaler is not None, skippable=scaler is not None,
                 kernel=differentiable_kernel(device.type, real_dtype, amsgrad, maximize, scaler is not None,
                                              scaler is not None, compiled))
-            for p, state, new_param, *new_state in zip(members, states, *(column or [None] * len(members)
-                                                                           for column in new)):
+            for p, state, count, new_param, *new_state in zip(members, states, step.repeat(len(members)),
+                                                              *(column or [None] * len(members) for column in new)):
                 p.copy_(new_param)
-                state["step"] = step
+                state["step"] = count
                 for key, value in zip(STATE_KEYS, new_state):
                     if value is not None:
                         state[key] = value
@@ -385,6 +408,9 @@ class AdamW(torch.optim.Optimizer):
 
     def state_dict(self) -> dict[str, Any]:
         state_dict = super().state_dict()
+        # Plain dicts, which ``torch.load(weights_only=True)`` reads (Note [state the user writes]).
+        state_dict["state"] = {key: dict(values) if isinstance(values, ParamState) else values
+                               for key, values in state_dict["state"].items()}
         if self.differentiable:
             _unshare_steps(state_dict)
         return state_dict
@@ -408,7 +434,18 @@ class AdamW(torch.optim.Optimizer):
             validate.remove()
             finished.remove()
 
+    def _load_written_state(self) -> None:
+        """Note [state the user writes]: what ``optimizer.state`` holds now is what this step uses;
+        each param's entry is validated first, naming it."""
+        for index, group in enumerate(self.param_groups):
+            for position, p in enumerate(group["params"]):
+                values = self.state.get(p)
+                if values is not None:
+                    _validate_param_state(values, p, False, f"optimizer.state[{_param_name(index, position)}]")
+        self._load_state_into_buckets()
+
     def _load_state_into_buckets(self) -> None:
+        """Copy ``optimizer.state`` into the buckets; ``optimizer.state`` then holds their views."""
         with torch.no_grad():
             loaded = dict(self.state)
             for settings, buckets in zip(self._settings, self._buckets):
@@ -417,6 +454,7 @@ class AdamW(torch.optim.Optimizer):
                     bucket.load_state(loaded, self.state)
             if self.differentiable:
                 _share_equal_steps(self)
+        self._state_written[0] = False
 
 
 def _step_of_its_own(optimizer: AdamW) -> Callable[..., Any]:
@@ -501,22 +539,34 @@ def _namer(group: int) -> Callable[[int], str]:
     return lambda position: _param_name(group, position)
 
 
+def _run_of(step: Tensor, tracing: bool) -> int:
+    """Note [differentiable runs]: the run a param's step count puts it in: the vector the count
+    is a view of, unless a count was written into that vector in place since (its version
+    counter; a user's compile cannot read one, and there such a write goes unnoticed)."""
+    vector = step._base
+    if vector is None or (not tracing and vector._version != 0):
+        return id(step)
+    return id(vector)
+
+
 def _unshare_steps(state_dict: dict[str, Any]) -> None:
-    """Each param gets its own step tensor in a checkpoint (Note [differentiable runs] shares
-    them): torch.optim.AdamW increments its step tensors in place."""
+    """Each param gets a step tensor of its own in a checkpoint (Note [differentiable runs] gives
+    params views of one vector): torch.optim.AdamW increments its step tensors in place."""
     for values in state_dict["state"].values():
         if isinstance(values, dict) and isinstance(values.get("step"), Tensor):
             values["step"] = values["step"].clone()
 
 
 def _share_equal_steps(optimizer: AdamW) -> None:
-    """Loaded params with equal step counts share one step tensor on their device again, so they
-    are stepped together (Note [differentiable runs]). Reads each count on the host, once."""
-    shared: dict[tuple, Tensor] = {}
+    """Loaded params with equal step counts on a device get views of one vector of counts again,
+    so they are stepped together (Note [differentiable runs]). Reads each count on the host, once."""
+    equal: dict[tuple[float, torch.device], list[dict]] = {}
     for p, state in optimizer.state.items():
         if isinstance(p, Tensor) and isinstance(state, dict) and "step" in state:
-            step = torch.as_tensor(state["step"], dtype=torch.float32, device=p.device)
-            state["step"] = shared.setdefault((float(step), p.device), step)
+            equal.setdefault((float(state["step"]), p.device), []).append(state)
+    for (count, device), states in equal.items():
+        for state, view in zip(states, torch.full((len(states),), count, dtype=torch.float32, device=device)):
+            state["step"] = view
 
 
 def _validate_checkpoint(optimizer: AdamW, state_dict: dict[str, Any]) -> None:
@@ -541,8 +591,11 @@ def _validate_checkpoint(optimizer: AdamW, state_dict: dict[str, Any]) -> None:
             check_value(name, group_value(saved, name), f"loaded {where}")
         for position, (param_id, param) in enumerate(zip(saved["params"], group["params"])):
             if param_id in state:
-                _validate_param_state(state[param_id], param, bool(saved.get("amsgrad", False)),
-                                      f"loaded state[{param_id!r}] (for {_param_name(index, position)})")
+                where = f"loaded state[{param_id!r}] (for {_param_name(index, position)})"
+                _validate_param_state(state[param_id], param, bool(saved.get("amsgrad", False)), where)
+                unknown = set(state[param_id]) - {"step", *STATE_KEYS}
+                if unknown:
+                    raise ValueError(f"{where} has unexpected keys {sorted(unknown)}")
 
 
 def _placement(value: Tensor) -> str:
@@ -550,15 +603,15 @@ def _placement(value: Tensor) -> str:
 
 
 def _validate_param_state(values: Any, param: Tensor, amsgrad: bool, where: str) -> None:
+    """What a step needs of a param's state; an empty dict is no state (torch starts it afresh)."""
     if not isinstance(values, dict):
         raise ValueError(f"{where} must be a dict, got {type(values).__name__}")
+    if not values:
+        return
     required = ("step", "exp_avg", "exp_avg_sq", *(("max_exp_avg_sq",) if amsgrad else ()))
     for key in required:
         if key not in values:
             raise ValueError(f"{where} has no {key!r}")
-    unknown = set(values) - {"step", *STATE_KEYS}
-    if unknown:
-        raise ValueError(f"{where} has unexpected keys {sorted(unknown)}")
     step = values["step"]
     if not ((isinstance(step, Tensor) and step.numel() == 1) or isinstance(step, (int, float))):
         raise ValueError(f"{where}['step'] must be a number or a 1-element tensor, got {step!r}")

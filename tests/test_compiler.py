@@ -330,12 +330,16 @@ def test_each_step_is_one_kernel_with_its_scalars_outside_the_loop():
 
 
 @pytest.mark.parametrize("how", USERS_COMPILES)
-def test_step_inside_a_users_fullgraph_compile_with_a_scheduler_attached(how):
+def test_step_inside_a_users_fullgraph_compile_with_a_scheduler_attached(how, monkeypatch):
     """PyTorch's compiled-optimizer tutorial, with OneCycleLR (beta1 cycling) attached: torch's
     scheduler wraps ``opt.step`` in a function Dynamo refuses to trace (torch's AdamW fails here);
     ours traces in one graph at the first call, and nothing compiles again -- neither the user's
     graph nor our kernels -- while lr and beta1 change every step (Note [one opaque step in a
-    user's trace]: the first step's state creation is not traced)."""
+    user's trace]: the first step's state creation is not traced). The graph's writes to the
+    step counts are not mistaken for the user's (Note [state the user writes]): no step loads
+    the state again, which would read the counts on the host."""
+    loads = []
+    monkeypatch.setattr(AdamW, "_load_written_state", lambda self: loads.append(self))
     model, twin = model_and_twin()
     optimizer, reference = ours(model), torch.optim.AdamW(twin.parameters(), lr=1e-2)
     schedulers = [torch.optim.lr_scheduler.OneCycleLR(o, max_lr=0.05, total_steps=40) for o in (optimizer, reference)]
@@ -354,6 +358,7 @@ def test_step_inside_a_users_fullgraph_compile_with_a_scheduler_attached(how):
             graphs_after_first_call = counters["stats"]["unique_graphs"]
     assert counters["stats"]["unique_graphs"] == graphs_after_first_call, "a later call compiled again"
     assert dict(counters["graph_break"]) == breaks_before, dict(counters["graph_break"])
+    assert loads == []
     assert_models_close(model, twin)
     torch.testing.assert_close(optimizer.state_dict()["state"], reference.state_dict()["state"])
 

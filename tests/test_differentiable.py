@@ -374,8 +374,9 @@ def test_functional_inputs_changed_in_place_after_the_update_leave_its_gradient_
 
 
 def test_differentiable_state_dict_round_trip_with_torch():
-    """Params stepped together share one step tensor (Note [differentiable runs]); a checkpoint
-    holds one per param, since torch.optim.AdamW increments its step tensors in place. Loaded into
+    """Params stepped together hold views of one vector of step counts (Note [differentiable
+    runs]); a checkpoint holds a tensor per param, since torch.optim.AdamW increments its step
+    tensors in place. Loaded into
     torch and into ours, both continue exactly as ours does."""
     generator = torch.Generator().manual_seed(9)
     start = [torch.randn(3, 2, generator=generator, dtype=F64), torch.randn(4, generator=generator, dtype=F64)]
@@ -391,9 +392,9 @@ def test_differentiable_state_dict_round_trip_with_torch():
 
     for index in range(3):
         step([(mine, optimizer)], index)
-    assert optimizer.state[mine[0]]["step"] is optimizer.state[mine[1]]["step"]
+    assert optimizer.state[mine[0]]["step"]._base is optimizer.state[mine[1]]["step"]._base is not None
     checkpoint = optimizer.state_dict()
-    assert checkpoint["state"][0]["step"] is not checkpoint["state"][1]["step"]
+    assert checkpoint["state"][0]["step"]._base is checkpoint["state"][1]["step"]._base is None
     theirs, reloaded_params = [p.detach().clone() for p in mine], [p.detach().clone() for p in mine]
     continued = torch.optim.AdamW(theirs, lr=0.05)
     continued.load_state_dict(copy.deepcopy(checkpoint))  # as if saved and loaded: no aliasing
@@ -402,11 +403,30 @@ def test_differentiable_state_dict_round_trip_with_torch():
     continued.param_groups[0]["differentiable"] = False
     reloaded = AdamW(reloaded_params, lr=0.05, differentiable=True)
     reloaded.load_state_dict(copy.deepcopy(checkpoint))
-    assert reloaded.state[reloaded_params[0]]["step"] is reloaded.state[reloaded_params[1]]["step"]
+    assert reloaded.state[reloaded_params[0]]["step"]._base is reloaded.state[reloaded_params[1]]["step"]._base
     for index in range(3, 6):
         step([(theirs, continued), (reloaded_params, reloaded), (mine, optimizer)], index)
     torch.testing.assert_close(theirs, [p.detach() for p in mine], rtol=1e-12, atol=1e-13)
     torch.testing.assert_close(reloaded_params, mine, rtol=1e-12, atol=1e-13)
+
+
+@pytest.mark.parametrize("write", ["in-place", "replaced"])
+def test_a_step_count_written_is_its_params_alone(write):
+    """Note [differentiable runs], Note [state the user writes]: a count written into one param's
+    state, in place or replaced, changes that param's steps only, as with torch.optim.AdamW."""
+    start = [torch.randn(3, 2, dtype=F64), torch.randn(4, dtype=F64), torch.randn(2, dtype=F64)]
+    mine, theirs = [p.clone() for p in start], [p.clone() for p in start]
+    optimizers = AdamW(mine, lr=0.05, differentiable=True), torch.optim.AdamW(theirs, lr=0.05)
+    for index in range(4):
+        for params, o in zip((mine, theirs), optimizers):
+            for p in params:
+                p.grad = torch.full_like(p, float(index + 1))
+            o.step()
+            if index == 1:
+                state = o.state[params[0]]
+                state["step"].zero_() if write == "in-place" else state.__setitem__("step", torch.tensor(0.0))
+    torch.testing.assert_close([p.detach() for p in mine], theirs, rtol=1e-12, atol=1e-13)
+    assert [float(optimizers[0].state[p]["step"]) for p in mine] == [2.0, 4.0, 4.0]
 
 
 def test_differentiable_bad_input_is_named_before_anything_changes():

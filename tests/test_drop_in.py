@@ -3,6 +3,7 @@ the optimizer uses, and torch's own invariants hold. One test per behaviour of i
 
 from __future__ import annotations
 
+import collections
 import copy
 import io
 import math
@@ -451,3 +452,84 @@ def test_turning_amsgrad_on_mid_run_shows_in_the_state_and_the_checkpoint():
     train(resumed_model, resumed, range(4, 6))
     for p, q in zip(model.parameters(), resumed_model.parameters()):
         assert torch.equal(p, q)
+
+
+# ---- state the user writes (Note [state the user writes]) -----------------------------------------
+
+def _first_param(optimizer):
+    return optimizer.param_groups[0]["params"][0]
+
+
+_STATE_WRITES = {
+    "del state[p]": lambda o: o.state.__delitem__(_first_param(o)),
+    "state[p] = {}": lambda o: o.state.__setitem__(_first_param(o), {}),
+    "state.clear()": lambda o: o.state.clear(),
+    "state = defaultdict(dict)": lambda o: setattr(o, "state", collections.defaultdict(dict)),
+    "state[p]['step'] = tensor": lambda o: o.state[_first_param(o)].__setitem__("step", torch.tensor(1.0)),
+    "state[p]['step'].zero_()": lambda o: o.state[_first_param(o)]["step"].zero_(),
+    "state[p]['exp_avg'] = tensor": lambda o: o.state[_first_param(o)].__setitem__(
+        "exp_avg", torch.full_like(_first_param(o), 0.5)),
+    "state[p].update(exp_avg_sq=tensor)": lambda o: o.state[_first_param(o)].update(
+        exp_avg_sq=torch.full_like(_first_param(o), 2.0)),
+    "state[p]['exp_avg'].mul_(2)": lambda o: o.state[_first_param(o)]["exp_avg"].mul_(2),
+}
+
+
+@pytest.mark.parametrize("write", list(_STATE_WRITES))
+def test_state_the_user_writes_is_what_the_next_steps_use(write):
+    model, optimizer, twin, reference = _pair(amsgrad=True)
+    train(model, optimizer, range(2))
+    train(twin, reference, range(2))
+    for o in (optimizer, reference):
+        _STATE_WRITES[write](o)
+    torch.testing.assert_close(optimizer.state_dict()["state"], reference.state_dict()["state"])
+    train(model, optimizer, range(2, 4))
+    train(twin, reference, range(2, 4))
+    assert_models_close(model, twin)
+    torch.testing.assert_close(optimizer.state_dict()["state"], reference.state_dict()["state"])
+
+
+@pytest.mark.parametrize("write, problem", [
+    (lambda state: state.__setitem__("exp_avg", torch.zeros(7)), r"\['exp_avg'\] has shape \(7,\), the param has \(8, 6\)"),
+    (lambda state: state.__delitem__("exp_avg_sq"), " has no 'exp_avg_sq'"),
+    (lambda state: state.__setitem__("step", torch.tensor(-1.0)), r"\['step'\] is -1.0; a step count is a whole number"),
+], ids=["wrong-shape", "key-missing", "negative-step"])
+def test_state_written_wrong_is_named_by_the_step_before_anything_changes(write, problem):
+    model, optimizer, _, _ = _pair()
+    train(model, optimizer, range(1))
+    write(optimizer.state[model[0].weight])
+    x, y = batch(1)
+    optimizer.zero_grad()
+    torch.nn.functional.mse_loss(model(x), y).backward()
+    before = snapshot(optimizer)
+    with pytest.raises(ValueError, match=r"optimizer.state\[param_groups\[0\]\['params'\]\[0\]\]" + problem):
+        optimizer.step()
+    assert_same(before, snapshot(optimizer))
+
+
+def test_a_torch_checkpoint_with_an_empty_entry_loads_as_no_state():
+    """Reading ``torch_optimizer.state[p]`` for a param never stepped leaves ``{}`` there, which
+    its checkpoint keeps and torch's step treats as no state."""
+    model, optimizer, twin, reference = _pair()
+    twin[2].bias.requires_grad_(False)
+    train(twin, reference, range(2))
+    assert reference.state[twin[2].bias] == {}
+    optimizer.load_state_dict(through_disk(reference.state_dict()))
+    model.load_state_dict(twin.state_dict())
+    twin[2].bias.requires_grad_(True)
+    train(model, optimizer, range(2, 4))
+    train(twin, reference, range(2, 4))
+    assert_models_close(model, twin)
+    torch.testing.assert_close(optimizer.state_dict()["state"], reference.state_dict()["state"])
+
+
+def test_the_state_and_its_checkpoint_are_torchs_plain_dicts():
+    model, optimizer, _, _ = _pair()
+    train(model, optimizer, range(1))
+    copied = pickle.loads(pickle.dumps(optimizer.state))
+    assert type(copied) is collections.defaultdict and copied.default_factory is dict
+    assert {type(values) for values in copied.values()} == {dict}
+    assert type(copy.deepcopy(optimizer.state[model[0].weight])) is dict
+    checkpoint = through_disk(optimizer.state_dict())  # weights_only=True
+    assert {type(values) for values in checkpoint["state"].values()} == {dict}
+    assert {type(values) for values in optimizer.state_dict()["state"].values()} == {dict}

@@ -35,6 +35,7 @@ PARAMS = [((3, 4), torch.float32, 0), ((), torch.float32, 0), ((2, 3, 2, 2), tor
           ((5,), torch.complex64, 1), ((0,), torch.float32, 1), ((2, 3), torch.float64, 1)]
 ADDED = [((4, 2), torch.float32), ((3,), torch.float64)]  # the group add_param_group brings mid-run
 KEYS = st.sampled_from(["lr", "weight_decay", "eps", "betas"])
+STATE_WRITES = st.sampled_from(["clear", "delete", "empty", "step", "step in place", "exp_avg", "exp_avg_sq in place"])
 SIDES = ("ours", "torch")
 
 
@@ -160,6 +161,71 @@ class OursAgainstTorch(RuleBasedStateMachine):
             group = self.optimizers[side].param_groups[1]
             if isinstance(group["lr"], torch.Tensor):
                 self.lr_tensors[side] = group["lr"]
+
+    @rule(present=st.integers(0, 2 ** (len(PARAMS) + len(ADDED)) - 1))
+    def accumulate_grads(self, present: int) -> None:
+        """A second backward before the step: fresh grads add to those there, in place."""
+        grads = [_tensor(p.shape, p.dtype, self.generator) if present >> i & 1 else None
+                 for i, p in enumerate(self.params["ours"])]
+        for side in SIDES:
+            for p, g in zip(self.params[side], grads):
+                if g is not None:
+                    if p.grad is None:
+                        p.grad = g.clone()
+                    else:
+                        p.grad.add_(g)
+
+    @rule(factor=st.floats(0.25, 4.0))
+    def scale_the_grads_in_place(self, factor: float) -> None:
+        for side in SIDES:
+            for p in self.params[side]:
+                if p.grad is not None:
+                    p.grad.mul_(factor)
+
+    @rule(index=st.integers(0, len(PARAMS) + len(ADDED) - 1), transposed=st.booleans())
+    def re_point_a_param(self, index: int, transposed: bool) -> None:
+        """``p.data = ...``, as ZeRO's buckets do: the param's values move to memory of someone
+        else's, in the param's layout or with transposed strides."""
+        for side in SIDES:
+            params = self.params[side]
+            if index < len(params):
+                values = params[index].data
+                params[index].data = values.mT.contiguous().mT if transposed and values.dim() >= 2 else values.clone()
+
+    @rule()
+    def write_the_params_in_place(self) -> None:
+        """``model.load_state_dict``: new values copied into the params."""
+        values = [_tensor(p.shape, p.dtype, self.generator) for p in self.params["ours"]]
+        with torch.no_grad():
+            for side in SIDES:
+                for p, v in zip(self.params[side], values):
+                    p.copy_(v)
+
+    @rule(index=st.integers(0, len(PARAMS) + len(ADDED) - 1), write=STATE_WRITES, count=st.integers(0, 5))
+    def write_the_state(self, index: int, write: str, count: int) -> None:
+        """Note [state the user writes]: entries removed, emptied or replaced, counts written in place."""
+        params = self.params["ours"]
+        if index >= len(params):
+            return
+        value = _tensor(params[index].shape, params[index].dtype, self.generator)
+        for side in SIDES:
+            optimizer, p = self.optimizers[side], self.params[side][index]
+            state = optimizer.state
+            if write == "clear":
+                state.clear()
+            elif write == "delete":
+                state.pop(p, None)
+            elif write == "empty":
+                state[p] = {}
+            elif "step" in state.get(p, {}):
+                if write == "step":
+                    state[p]["step"] = torch.tensor(float(count))
+                elif write == "step in place":
+                    state[p]["step"].fill_(count)
+                elif write == "exp_avg":
+                    state[p]["exp_avg"] = value.clone()
+                else:
+                    state[p]["exp_avg_sq"].mul_(count)
 
     @precondition(lambda self: not self.added)
     @rule()
