@@ -119,6 +119,7 @@ class AdamW(torch.optim.Optimizer):
     # ---- groups -------------------------------------------------------------------------------
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
+        self._follow_param_groups()
         with warnings.catch_warnings():  # we refuse duplicates below, naming them
             warnings.filterwarnings("ignore", "optimizer contains a parameter group with duplicate parameters")
             super().add_param_group(param_group)
@@ -148,6 +149,48 @@ class AdamW(torch.optim.Optimizer):
         with torch.no_grad():  # no flat buffers when differentiable: Note [differentiable runs]
             self._buckets.append([] if self.differentiable
                                  else group_into_buckets(group["params"], amsgrad=group["amsgrad"]))
+            carried = {p: self.state[p] for p in group["params"] if self.state.get(p)}
+            for bucket in self._buckets[-1] if carried else ():  # Note [groups changed by hand]
+                bucket.load_state(carried, self.state)
+
+    # Note [groups changed by hand]: ``param_groups`` is a plain list, as torch's, and torch steps
+    # whatever it holds. Ours steps the groups it built (``_settings``, ``_buckets``), so an eager
+    # step, ``clip_grad_norm_``, ``add_param_group`` and ``load_state_dict`` first follow the list:
+    # a group appended by hand is added as ``add_param_group`` adds one, a group removed is no
+    # longer stepped (its params keep their state, as torch's do), the order is the list's, and a
+    # param that already has state (from a group removed) continues from it. Checking costs a
+    # look at each group. A step inside a user's compile cannot rebuild (it must not read the
+    # groups): its body raises, naming what to do.
+
+    def _groups_as_built(self) -> bool:
+        groups, built = self.param_groups, self._settings
+        return len(groups) == len(built) and all(map(operator.is_, (getattr(g, "settings", None) for g in groups),
+                                                     built))
+
+    def _follow_param_groups(self) -> None:
+        """Note [groups changed by hand]. Raises (as ``add_param_group`` would, for a group
+        appended by hand) before anything changes."""
+        if self._groups_as_built():
+            return
+        users_list, built = self.param_groups, {id(s): b for s, b in zip(self._settings, self._buckets)}
+        before = self._settings, self._buckets
+        self.param_groups, self._settings, self._buckets = [], [], []
+        try:
+            for group in users_list:
+                settings = getattr(group, "settings", None)
+                if id(settings) in built:
+                    self.param_groups.append(group)
+                    self._settings.append(settings)
+                    self._buckets.append(built[id(settings)])
+                else:
+                    self.add_param_group(dict(group))
+        except Exception:
+            self.param_groups, (self._settings, self._buckets) = users_list, before
+            raise
+        users_list[:] = self.param_groups
+        self.param_groups = users_list
+        for index, settings in enumerate(self._settings):
+            settings.where = f"param_groups[{index}]"
 
     # ---- copies and older checkpoints ---------------------------------------------------------
 
@@ -209,6 +252,8 @@ class AdamW(torch.optim.Optimizer):
             with torch.enable_grad():
                 loss = closure()
         tracing = torch.compiler.is_compiling()
+        if not tracing:
+            self._follow_param_groups()
         scaler = self._grad_scaling()
         if self.differentiable:
             for index, group in enumerate(self.param_groups):
@@ -246,6 +291,10 @@ class AdamW(torch.optim.Optimizer):
         in bucket order, ``hyperparameters`` each group's packed vector; ``scaled``: divide the
         grads by ``grad_scale``; ``skippable``: skip the step where ``found_inf`` (Note [AMP
         inside the step])."""
+        if not self._groups_as_built():
+            raise RuntimeError("optimizer.param_groups was changed by hand (a group appended, removed or replaced) "
+                               "and a step inside torch.compile cannot follow it: call optimizer.step() once "
+                               "outside torch.compile, or add groups with add_param_group")
         for index, (group, settings) in enumerate(zip(self.param_groups, self._settings)):
             _check_params_unchanged(index, group, settings)
         if self._state_written[0] or any(bucket.step_count_written() for buckets in self._buckets for bucket in buckets):
@@ -305,6 +354,8 @@ class AdamW(torch.optim.Optimizer):
         if torch.compiler.is_compiling() and not self.differentiable and traced_alone(self):
             total = grad_norm_alone(self, float(norm_type), error_if_nonfinite)
         else:
+            if not torch.compiler.is_compiling():
+                self._follow_param_groups()
             total = self._total_grad_norm(norm_type, error_if_nonfinite)
         self._clip[0] = torch.clamp(max_norm / (total + 1e-6), max=1.0).detach()
         return total
@@ -426,6 +477,7 @@ class AdamW(torch.optim.Optimizer):
                 optimizer.param_groups[index] = ParamGroup(group, settings)
             optimizer._load_state_into_buckets()
 
+        self._follow_param_groups()
         validate = self.register_load_state_dict_pre_hook(_validate_checkpoint)
         finished = self.register_load_state_dict_post_hook(finish, prepend=True)
         try:

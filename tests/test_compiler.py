@@ -791,3 +791,21 @@ def test_cold_first_step_compiles_the_same_graphs_at_1000_and_10000_params(tmp_p
     assert compiled[0] == compiled[1]
     assert compiled[0]["graphs"] == (1 if how == "eager" else 2), "one kernel, and the user's graph"
     assert all(run["direct"] == [True] for run in compiled), compiled
+
+
+def test_a_compiled_step_after_groups_changed_by_hand_raises_saying_what_to_do():
+    """Note [groups changed by hand]: a step inside a user's compile cannot follow the change, so it
+    names it instead of stepping groups that are no longer there; an eager step follows it."""
+    params = [torch.nn.Parameter(torch.randn(4)) for _ in range(2)]
+    optimizer = AdamW([{"params": params[:1]}, {"params": params[1:]}], lr=1e-2)
+    compiled_step = torch.compile(optimizer.step, fullgraph=True)
+    for p in params:
+        p.grad = torch.ones_like(p)
+    compiled_step()
+    optimizer.param_groups.pop()
+    before = [p.detach().clone() for p in params]
+    with pytest.raises(RuntimeError, match=r"param_groups was changed by hand .* call optimizer.step\(\) once outside"):
+        compiled_step()
+    torch.testing.assert_close([p.detach() for p in params], before, rtol=0, atol=0)
+    optimizer.step()
+    assert not torch.equal(params[0], before[0]) and torch.equal(params[1], before[1])

@@ -533,3 +533,62 @@ def test_the_state_and_its_checkpoint_are_torchs_plain_dicts():
     checkpoint = through_disk(optimizer.state_dict())  # weights_only=True
     assert {type(values) for values in checkpoint["state"].values()} == {dict}
     assert {type(values) for values in optimizer.state_dict()["state"].values()} == {dict}
+
+
+# ---- groups changed by hand (Note [groups changed by hand]) ---------------------------------------
+
+def _two_groups(model, make):
+    return make([{"params": model[0].parameters()}, {"params": model[2].parameters(), "lr": 5e-3}], lr=1e-2)
+
+
+def _append_the_last_layer_by_hand(o):
+    model_params = o.param_groups[1]["params"]
+    del o.param_groups[1]
+    o.param_groups.append({**{k: v for k, v in o.defaults.items()}, "params": model_params, "lr": 2e-2})
+
+
+def _clear_the_groups_and_add_them_again(o):
+    groups = [{"params": g["params"], "lr": 1e-3} for g in o.param_groups]
+    o.param_groups.clear()
+    for group in groups:
+        o.add_param_group(group)
+
+
+_GROUP_CHANGES = {
+    "a group removed": lambda o: o.param_groups.pop(0),
+    "a group removed, then appended by hand": _append_the_last_layer_by_hand,
+    "the groups reversed": lambda o: o.param_groups.reverse(),
+    "the groups cleared, then added again": _clear_the_groups_and_add_them_again,
+}
+
+
+@pytest.mark.parametrize("change", list(_GROUP_CHANGES))
+def test_groups_changed_by_hand_are_what_the_next_steps_use(change):
+    model, twin = model_and_twin()
+    optimizer, reference = _two_groups(model, AdamW), _two_groups(twin, torch.optim.AdamW)
+    train(model, optimizer, range(2))
+    train(twin, reference, range(2))
+    for o in (optimizer, reference):
+        _GROUP_CHANGES[change](o)
+    train(model, optimizer, range(2, 4))
+    train(twin, reference, range(2, 4))
+    assert_models_close(model, twin)
+    # Not the state_dict: torch's raises KeyError for state of params no longer in a group.
+    assert [{k: v for k, v in g.items() if k not in ("params", "eps_root")} for g in optimizer.param_groups] == \
+        [{k: v for k, v in g.items() if k != "params"} for g in reference.param_groups]
+    torch.testing.assert_close([dict(optimizer.state[p]) for p in model.parameters()],
+                               [reference.state[q] for q in twin.parameters()])
+
+
+def test_a_bad_group_appended_by_hand_is_named_by_the_step_before_anything_changes():
+    model, optimizer, _, _ = _pair()
+    train(model, optimizer, range(1))
+    before = snapshot(optimizer)
+    bad = {**optimizer.param_groups[0], "params": [torch.zeros(3, dtype=torch.long)]}
+    optimizer.param_groups.append(bad)
+    groups = list(optimizer.param_groups)
+    with pytest.raises(ValueError, match=r"param_groups\[1\]\['params'\]\[0\] is torch.int64"):
+        optimizer.step()
+    assert optimizer.param_groups == groups and optimizer.param_groups[1] is bad
+    optimizer.param_groups.pop()
+    assert_same(before, snapshot(optimizer))

@@ -104,7 +104,8 @@ class OursAgainstTorch(RuleBasedStateMachine):
                 if g is not None:
                     p.grad = g.clone()
             optimizer = self.optimizers[side]
-            if side == "ours" and compiled_by_the_user:
+            # A compiled step cannot follow groups changed by hand (Note [groups changed by hand]).
+            if side == "ours" and compiled_by_the_user and optimizer._groups_as_built():
                 if optimizer not in self.compiled_steps:
                     self.compiled_steps[optimizer] = torch.compile(optimizer.step, fullgraph=True)
                 self.compiled_steps[optimizer]()
@@ -226,6 +227,15 @@ class OursAgainstTorch(RuleBasedStateMachine):
                     state[p]["exp_avg"] = value.clone()
                 else:
                     state[p]["exp_avg_sq"].mul_(count)
+
+    @rule(group=st.integers(0, 2))
+    def move_a_group_to_the_end_by_hand(self, group: int) -> None:
+        """Note [groups changed by hand]: a group taken out of ``param_groups`` and appended again
+        as a plain dict."""
+        for side in SIDES:
+            groups = self.optimizers[side].param_groups
+            if group < len(groups):
+                groups.append(dict(groups.pop(group)))
 
     @precondition(lambda self: not self.added)
     @rule()
