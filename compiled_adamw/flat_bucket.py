@@ -43,8 +43,8 @@ is, for every path (our own layout, someone else's buckets, autograd's fresh gra
   or modified (torch's invariant: a step leaves ``p.grad._version`` alone), and a None grad stays
   None. A param of ``DIRECT_ELEMENTS`` or more gets a kernel call of its own that reads its grad
   in place: no copy. Smaller params are stepped together, a chunk of at most ``CHUNK_ELEMENTS``
-  per kernel call, their grads gathered by one ``_foreach_copy_`` into a chunk-sized scratch
-  buffer, so the copies stay in cache and the optimizer holds no param-sized grad buffer. The
+  per kernel call, their grads gathered by one copy (Note [one cat per chunk]) into a chunk-sized
+  scratch buffer, so the copies stay in cache and the optimizer holds no param-sized grad buffer. The
   bucket lays out its small params first, so that they form as few chunks as possible.
 
 Note [calls prepared once]: a kernel call's windows of the flat buffers depend only on which
@@ -65,6 +65,7 @@ and when a step finds that the user wrote a step count (Note [state the user wri
 
 from __future__ import annotations
 
+import functools
 import itertools
 from typing import Callable, Iterable, Iterator, Mapping, NamedTuple
 
@@ -148,6 +149,10 @@ def dense_memory(tensor: Tensor, length: int, real_dtype: torch.dtype) -> Tensor
     return alias.set_(tensor.untyped_storage(), offset, (length,), (1,))
 
 
+def _contiguous_strides(shape: torch.Size) -> tuple[int, ...]:
+    return torch.empty(shape, device="meta").stride()
+
+
 def _dense_strides(tensor: Tensor) -> tuple[int, ...]:
     """The strides torch gives this param's state: its own if it is dense, else contiguous ones."""
     return torch.empty_like(tensor, device="meta", memory_format=torch.preserve_format).stride()
@@ -172,7 +177,7 @@ class _Call(NamedTuple):
     last: int
     param: Tensor | None  # the window of flat_param; None: the param lives elsewhere
     state: tuple[Tensor, Tensor, Tensor | None]  # windows of exp_avg, exp_avg_sq, max_exp_avg_sq
-    gathered: list[Tensor] | None  # the grads' views in scratch, or None: read the grad in place
+    gather: Callable[[list[Tensor]], object] | None  # copies the grads into ``grad``; None: read in place
     grad: Tensor | None  # the scratch window, for gathered grads
     staged: list[int]  # params of a gathered call that live elsewhere, staged in their home segments
     stages: list[Tensor]  # those segments of flat_param
@@ -450,10 +455,28 @@ class FlatBucket:
                 param = None if i in away and not gathered else without_base(self.flat_param[window])
                 chunk = self.chunk_start[i]
                 staged = [k for k in range(i, j) if k in away] if gathered else []
-                yield _Call(i, j, param, state, self.scratch_views[i:j] if gathered else None,
+                yield _Call(i, j, param, state, self._gather(i, j) if gathered else None,
                             without_base(self.scratch[lo - chunk : hi - chunk]) if gathered else None,
                             staged, [self._view(self.flat_param, k) for k in staged])
             i = j
+
+    def _gather(self, first: int, last: int) -> Callable[[list[Tensor]], object]:
+        """Note [one cat per chunk]: the copy of params [first, last)'s grads into their scratch
+        views. Where their segments follow each other without padding, in row-major layout, and
+        their shapes differ only in the first dim (1-D params, biases and norms' weights, whose
+        lengths are multiples of ALIGNMENT), it is one ``torch.cat`` into the scratch window: on
+        CPU, 1,000 grads of 1,024 elements took 0.60-0.68 ms against ``_foreach_copy_``'s
+        0.87-0.98 ms, which copies tensor by tensor. The grads' dtypes and shapes are checked by
+        the plan first (cat would cast or mis-place others)."""
+        shapes, chunk = self.shapes[first:last], self.chunk_start[first]
+        if (all(len(shape) >= 1 and shape[1:] == shapes[0][1:] for shape in shapes)
+                and all(self.ends[k] == self.padded_ends[k] for k in range(first, last - 1))
+                and all(self.strides[k] == _contiguous_strides(self.shapes[k]) for k in range(first, last))):
+            window = without_base(self.scratch[self.starts[first] - chunk : self.ends[last - 1] - chunk])
+            if self.dtype.is_complex:
+                window = window.view(self.dtype)
+            return functools.partial(torch.cat, out=window.view(-1, *shapes[0][1:]))
+        return functools.partial(torch._foreach_copy_, self.scratch_views[first:last])
 
     def execute(
         self,
@@ -472,11 +495,11 @@ class FlatBucket:
             (self.steps if last - first == len(self.params) else self.steps[first:last]).add_(step_increment)
             scalars = self.step_aliases[first], hyperparameters
             for call in self._calls(first, last, plan.away, plan.tangled):
-                if call.gathered is not None:
+                if call.gather is not None:
                     staged = [plan.memories[k].detach() for k in call.staged]
                     if staged:
                         torch._foreach_copy_(call.stages, staged)
-                    torch._foreach_copy_(call.gathered, grads[call.first : call.last])
+                    call.gather(grads[call.first : call.last])
                     update(call.param, call.grad, *call.state, *scalars)
                     if staged:
                         torch._foreach_copy_(staged, call.stages)

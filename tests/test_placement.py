@@ -3,6 +3,7 @@ writes: ``zero_grad()`` (set_to_none=True), backward, step."""
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from compiled_adamw import AdamW
@@ -75,3 +76,29 @@ def test_zero_grad_leaves_none_and_a_param_without_a_grad_is_not_stepped():
         assert torch.equal(m[2].weight, before) and o.state[m[2].weight]["step"].item() == 1
         assert o.state[m[0].weight]["step"].item() == 2
     assert_models_close(model, twin)
+
+
+@pytest.mark.parametrize("shapes, concatenated", [
+    ([(16,), (32,), (0,), (48, 2), (5,)], False),  # a 2-D param among 1-D ones
+    ([(16,), (32,), (0,), (5,)], True),  # padding only after the last
+    ([(5,), (16,)], False),  # padding between segments
+    ([(16, 3), (32, 3), (1, 3)], True),  # shapes that differ in the first dim only
+    ([(2, 3), (2, 4)], False),
+    ([(), (16,)], False),
+], ids=["mixed-dims", "unpadded-1d", "padded-1d", "same-trailing-dims", "other-trailing-dims", "0-dim"])
+def test_small_grads_that_lie_end_to_end_are_gathered_by_one_cat(shapes, concatenated):
+    """Note [one cat per chunk]; the grads are strided views, which cat and foreach copies both read."""
+    generator = torch.Generator().manual_seed(0)
+    values = [torch.randn(shape, generator=generator) for shape in shapes]
+    ours_params, torch_params = ([torch.nn.Parameter(v.clone()) for v in values] for _ in range(2))
+    optimizer, reference = AdamW(ours_params, lr=1e-2), torch.optim.AdamW(torch_params, lr=1e-2)
+    for step in range(3):
+        grads = [torch.randn(*shape[:-1], 2 * shape[-1], generator=generator)[..., ::2] if shape else
+                 torch.randn((), generator=generator) for shape in shapes]
+        for params, o in ((ours_params, optimizer), (torch_params, reference)):
+            for p, g in zip(params, grads):
+                p.grad = g.clone() if g.dim() == 0 else g
+            o.step()
+    (call,) = optimizer._buckets[0][0]._calls(0, len(shapes), frozenset(), frozenset())
+    assert (call.gather.func is torch.cat) == concatenated
+    torch.testing.assert_close(ours_params, torch_params)
