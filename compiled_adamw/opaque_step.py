@@ -126,6 +126,7 @@ def _step(handle: int, grads: list[Optional[Tensor]], params: list[Tensor], step
           hyperparameters: list[Tensor], fences: list[Tensor], scaled: bool, skippable: bool) -> None:
     optimizer = _optimizers[handle]
     with torch._C._ForceDispatchKeyGuard(*_EAGER_DISPATCH_KEYS):
+        optimizer._refuse_groups_changed_by_hand()
         _as_the_graph_has_them(optimizer, 0, params, into_params=True)
         optimizer._step_buckets(grads, hyperparameters, scaled, skippable)
         _as_the_graph_has_them(optimizer, 0, params, into_params=False)
@@ -135,6 +136,7 @@ def _step_alone(handle: int, steps: list[Tensor], hyperparameters: list[Tensor],
                 skippable: bool) -> None:
     optimizer = _optimizers[handle]
     with torch._C._ForceDispatchKeyGuard(*_EAGER_DISPATCH_KEYS):
+        optimizer._refuse_groups_changed_by_hand()
         optimizer._step_buckets(optimizer._grads(), hyperparameters, scaled, skippable)
 
 
