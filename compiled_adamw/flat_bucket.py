@@ -44,8 +44,8 @@ is, for every path (our own layout, someone else's buckets, autograd's fresh gra
   None. A param of ``DIRECT_ELEMENTS`` or more gets a kernel call of its own that reads its grad
   in place: no copy. Smaller params are stepped together, a chunk of at most ``CHUNK_ELEMENTS``
   per kernel call, their grads gathered by one copy (Note [one cat per chunk]) into a chunk-sized
-  scratch buffer, so the copies stay in cache and the optimizer holds no param-sized grad buffer. The
-  bucket lays out its small params first, so that they form as few chunks as possible.
+  scratch buffer, so the copies stay in cache and the optimizer holds no param-sized grad buffer.
+  The bucket lays out its small params first, so that they form as few chunks as possible.
 
 Note [calls prepared once]: a kernel call's windows of the flat buffers depend only on which
 params it steps, so each distinct list of calls is prepared once (as base-less aliases, Note
@@ -218,7 +218,7 @@ class FlatBucket:
         self.steps = _static(torch.zeros(len(params), dtype=torch.float32, device=self.device))
         # What ``optimizer.state[p]["step"]`` views: the same memory with a version counter of its
         # own, which only writes through those views bump (Note [state the user writes]).
-        self.shown_steps = torch.empty(0, device=self.device).set_(self.steps)
+        self.shown_steps = torch.empty(0, dtype=self.steps.dtype, device=self.device).set_(self.steps)
         self.step_aliases = [without_base(self.steps[i]) for i in range(len(params))]
         self.prepared: dict[tuple, list[_Call]] = {}
         self.cohorts = [0] * len(params)

@@ -174,3 +174,22 @@ def test_every_lr_scheduler(name):
     vector = optimizer._settings[0].vector.tolist()
     assert vector[:3] == [torch_group["lr"], *torch_group["betas"]], "the step uses what the group holds"
     assert_models_close(model, twin)
+
+
+def test_a_model_built_under_a_float64_default_dtype_steps_as_torchs():
+    """Torch's step counts follow a float64 default dtype; ours stay float32 (README's known limits)."""
+    default = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    try:
+        model, twin = model_and_twin()
+        optimizer, reference = ours(model), torch.optim.AdamW(twin.parameters(), lr=1e-2)
+        train(model, optimizer, range(3))
+        train(twin, reference, range(3))
+    finally:
+        torch.set_default_dtype(default)
+    assert model[0].weight.dtype == torch.float64
+    assert_models_close(model, twin)
+    mine, theirs = optimizer.state_dict()["state"], reference.state_dict()["state"]
+    assert {values["step"].dtype for values in mine.values()} == {torch.float32}
+    assert {values["step"].dtype for values in theirs.values()} == {torch.float64}
+    torch.testing.assert_close(mine, {i: {**values, "step": values["step"].float()} for i, values in theirs.items()})
