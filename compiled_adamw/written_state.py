@@ -9,14 +9,18 @@ removed would be shown to the user and not used: silent wrong state. So the mapp
 param's dict are watched: every write to them raises one flag of the optimizer's, at the cost of
 a dict method call. Writes into the views land in the buffers and need no notice, except the step
 count's: a kernel call steps a run of params with one count (Note [step cohorts] in
-``flat_bucket.py``), so an in-place write to ``state[p]["step"]`` is noticed by the steps buffer's
-version counter. A step that finds either loads ``optimizer.state`` into the buffers as
-``load_state_dict`` loads a checkpoint (validated first, naming param and key), and then steps.
-A param whose entry is gone or empty starts afresh, as torch's does. Afterwards
-``optimizer.state[p]`` holds views again: a tensor the user assigned keeps its values but is no
-longer the optimizer's (as after ``load_state_dict``).
+``flat_bucket.py``), so an in-place write to ``state[p]["step"]`` is noticed by the version
+counter of the tensor those views are made from, an alias of the counts of its own
+(``FlatBucket.shown_steps``): the step's own writes, and a compiled graph's, bump the counts' and
+not the alias's. A step that finds either loads ``optimizer.state`` into the buffers as
+``load_state_dict`` loads a checkpoint (validated first, naming param and key), and then steps;
+looking costs a step about 0.3 us. A param whose entry is gone or empty starts afresh, as
+torch's does. Afterwards ``optimizer.state[p]`` holds views again: a tensor the user assigned
+keeps its values but is no longer the optimizer's (as after ``load_state_dict``).
 
-Both pickle as the plain ``defaultdict(dict)`` and ``dict`` torch's optimizer holds.
+Both pickle as the plain ``defaultdict(dict)`` and ``dict`` torch's optimizer holds, and a
+state_dict holds plain copies of the param dicts (torch's holds the live ones), which
+``torch.load(weights_only=True)`` reads.
 """
 
 from __future__ import annotations
