@@ -112,6 +112,21 @@ class OursAgainstTorch(RuleBasedStateMachine):
             else:
                 optimizer.step()
 
+    @rule(max_norm=st.floats(0.01, 2.0))
+    def clip_then_step(self, max_norm: float) -> None:
+        """Ours clips inside its step (Note [clipping inside the step]), torch's clip_grad_norm_
+        scales the grads first; torch's grads then get their unclipped values back, which ours'
+        keep."""
+        ours, theirs = self.optimizers["ours"], self.optimizers["torch"]
+        with_grads = [q for q in self.params["torch"] if q.grad is not None]
+        unclipped = [q.grad.clone() for q in with_grads]
+        norms = ours.clip_grad_norm_(max_norm), torch.nn.utils.clip_grad_norm_(with_grads, max_norm)
+        ours.step()
+        theirs.step()
+        for q, grad in zip(with_grads, unclipped):
+            q.grad.copy_(grad)
+        torch.testing.assert_close(*norms)
+
     @rule(set_to_none=st.booleans())
     def zero_grad(self, set_to_none: bool) -> None:
         for side in SIDES:
