@@ -345,10 +345,14 @@ class AdamW(torch.optim.Optimizer):
         grad_scale, found_inf, clip = getattr(self, "grad_scale", None), getattr(self, "found_inf", None), self._clip[0]
         if grad_scale is None and found_inf is None and clip is None:
             return None
-        like = next(value for value in (found_inf, grad_scale, clip) if value is not None)
-        grad_scale, found_inf = (torch.full((), value, dtype=torch.float64, device=like.device) if given is None
-                                 else given.reshape(()).to(torch.float64)
-                                 for given, value in ((grad_scale, 1.0), (found_inf, 0.0)))
+        # A GradScaler hands over found_inf as the int 0 where no param has a grad (a sum of no
+        # tensors), so a number is taken as its value.
+        tensors = [value for value in (found_inf, grad_scale, clip) if isinstance(value, Tensor)]
+        device = tensors[0].device if tensors else self._settings[0].device if self._settings else torch.device("cpu")
+        grad_scale, found_inf = (given.reshape(()).to(torch.float64) if isinstance(given, Tensor)
+                                 else torch.full((), default if given is None else float(given), dtype=torch.float64,
+                                                 device=device)
+                                 for given, default in ((grad_scale, 1.0), (found_inf, 0.0)))
         if clip is not None:
             grad_scale = grad_scale / clip.to(grad_scale)
         return torch.stack([grad_scale, found_inf])

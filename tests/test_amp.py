@@ -97,3 +97,23 @@ def test_scaler_step_inside_a_users_compile_matches_torch_fused():
         assert scaler.get_scale() == 2.0**9
         finals.append([p.detach() for p in model.parameters()])
     torch.testing.assert_close(finals[0], finals[1], rtol=1e-5, atol=1e-6)
+
+
+def test_one_scaler_for_two_optimizers_one_of_which_has_no_grads_matches_torch_fused():
+    """A GradScaler hands an optimizer none of whose params has a grad found_inf as the int 0
+    (a sum of no tensors); torch's fused AdamW steps nothing then, and so does ours."""
+    model, twin = model_and_twin()
+    frozen = [torch.nn.Parameter(torch.randn(3)) for _ in range(2)]
+    sides = [(model, AdamW(model.parameters(), lr=1e-2), AdamW(frozen[:1])),
+             (twin, torch.optim.AdamW(twin.parameters(), lr=1e-2, fused=True), torch.optim.AdamW(frozen[1:], fused=True))]
+    for m, trained, idle in sides:
+        scaler = torch.amp.GradScaler("cpu", init_scale=64.0)
+        for step in range(3):
+            x, y = batch(step)
+            trained.zero_grad()
+            scaler.scale(torch.nn.functional.mse_loss(m(x), y)).backward()
+            scaler.step(trained)
+            scaler.step(idle)
+            scaler.update()
+        assert not idle.state
+    assert_models_close(model, twin)

@@ -58,6 +58,16 @@ def _comparable_group(group: dict) -> dict:
     return {k: _plain(v) for k, v in group.items() if k not in ("params", "eps_root")}
 
 
+def _unless_fresh(state: dict) -> dict:
+    """A param's state, or {} where it is what a first step starts from (step 0, zero moments): a
+    step that a GradScaler skips makes such state on ours, as on torch's fused AdamW (both are
+    stepped and skip inside, Note [AMP inside the step]), and none on torch's for-loop AdamW,
+    which is not stepped."""
+    fresh = float(state.get("step", 0)) == 0 and all(
+        not value.any() for key, value in state.items() if key != "step")
+    return {} if fresh else state
+
+
 def _assert_close(mine, theirs, what: str) -> None:
     """NaN where torch has NaN: eps=0 with a zero grad on fresh state divides 0 by 0 in both."""
     real = mine.dtype.to_real() if mine.dtype.is_complex else mine.dtype
@@ -76,6 +86,7 @@ class OursAgainstTorch(RuleBasedStateMachine):
         self.optimizers = {side: self._optimizer(side) for side in SIDES}
         self.schedulers = {side: torch.optim.lr_scheduler.ExponentialLR(self.optimizers[side], gamma=0.9)
                            for side in SIDES}
+        self.scalers = {side: torch.amp.GradScaler("cpu", init_scale=16.0, growth_interval=2) for side in SIDES}
         self.added = False
         self.compiled_steps: dict[AdamW, object] = {}
 
@@ -112,6 +123,40 @@ class OursAgainstTorch(RuleBasedStateMachine):
                 self.compiled_steps[optimizer]()
             else:
                 optimizer.step()
+
+    @rule(present=st.integers(0, 2 ** (len(PARAMS) + len(ADDED)) - 1), overflow=st.booleans())
+    def step_with_a_grad_scaler(self, present: int, overflow: bool) -> None:
+        """``scaler.step(opt)`` (Note [AMP inside the step]: ours unscales and skips inside the
+        step, torch's unscales the grads in place first), on fresh grads for the params whose bit
+        is set, every grad multiplied by the scale as a scaled loss's backward would; ``overflow``
+        puts an inf into the first float32 grad, and both skip the step. Afterwards every grad
+        holds its unscaled values again on both sides. Complex params lose their grads first:
+        torch's unscaling has no complex kernel (ours uses it too)."""
+        fresh = [_tensor(p.shape, p.dtype, self.generator) if present >> i & 1 and not p.is_complex() else None
+                 for i, p in enumerate(self.params["ours"])]
+        for side in SIDES:
+            params, scaler = self.params[side], self.scalers[side]
+            for p in params:
+                if p.is_complex():
+                    p.grad = None
+            scaler.scale(torch.ones(()))  # makes the scale, as the first scaled loss would
+            grads = [g.clone() if g is not None else None if p.grad is None else p.grad.clone()
+                     for p, g in zip(params, fresh)]
+            if all(g is None for g in grads):  # GradScaler refuses a step that checked no grad
+                return
+            for p, g in zip(params, grads):
+                if g is not None:
+                    p.grad = scaler.scale(g)
+            if overflow:
+                first = next((p for p in params if p.grad is not None and p.dtype == torch.float32
+                              and p.numel()), None)
+                if first is not None:
+                    first.grad[(0,) * first.grad.dim()] = float("inf")
+            scaler.step(self.optimizers[side])
+            scaler.update()
+            for p, g in zip(params, grads):
+                if g is not None:
+                    p.grad = g
 
     @rule(max_norm=st.floats(0.01, 2.0))
     def clip_then_step(self, max_norm: float) -> None:
@@ -225,6 +270,9 @@ class OursAgainstTorch(RuleBasedStateMachine):
         if index >= len(params):
             return
         value = _tensor(params[index].shape, params[index].dtype, self.generator)
+        # Entries are written where both sides have them (not fresh state on ours alone: _unless_fresh).
+        both_have_state = all(_unless_fresh(self.optimizers[side].state.get(self.params[side][index], {}))
+                              for side in SIDES)
         for side in SIDES:
             optimizer, p = self.optimizers[side], self.params[side][index]
             state = optimizer.state
@@ -234,7 +282,7 @@ class OursAgainstTorch(RuleBasedStateMachine):
                 state.pop(p, None)
             elif write == "empty":
                 state[p] = {}
-            elif "step" in state.get(p, {}):
+            elif both_have_state:
                 if write == "step":
                     state[p]["step"] = torch.tensor(float(count))
                 elif write == "step in place":
@@ -275,7 +323,7 @@ class OursAgainstTorch(RuleBasedStateMachine):
             assert (p.grad is None) == (q.grad is None), f"param {i}: grad None on one side only"
             if p.grad is not None:
                 assert torch.equal(p.grad, q.grad), f"param {i}: grads differ"
-            mine, their = ours.state.get(p, {}), theirs.state.get(q, {})
+            mine, their = _unless_fresh(ours.state.get(p, {})), _unless_fresh(theirs.state.get(q, {}))
             assert set(mine) == set(their), f"param {i}: state keys {set(mine)} vs {set(their)}"
             for key, value in their.items():
                 if key == "step":
@@ -287,9 +335,11 @@ class OursAgainstTorch(RuleBasedStateMachine):
         assert [_comparable_group(g) for g in mine["param_groups"]] == \
             [_comparable_group(g) for g in their["param_groups"]]
         assert [g["params"] for g in mine["param_groups"]] == [g["params"] for g in their["param_groups"]]
-        assert mine["state"].keys() == their["state"].keys()
-        for index, values in their["state"].items():
-            assert mine["state"][index].keys() == values.keys(), f"state_dict state[{index}] keys"
+        mine, their = ({index: _unless_fresh(values) for index, values in state_dict["state"].items()}
+                       for state_dict in (mine, their))
+        assert {i for i, values in mine.items() if values} == {i for i, values in their.items() if values}
+        for index, values in their.items():
+            assert mine.get(index, {}).keys() == values.keys(), f"state_dict state[{index}] keys"
 
 
 OursAgainstTorch.TestCase.settings = settings.get_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
