@@ -63,8 +63,8 @@ def check_capturable(optimizer: AdamW, *, device_type: str = "cuda") -> None:
             step = optimizer.state.get(p, {}).get("step")
             if isinstance(step, Tensor) and not _is_counter_of(optimizer, index, step):
                 problems.append(f"state of {name}: 'step' is a tensor on {step.device} that is not the "
-                                "optimizer's device counter (replaced by hand?); load state with "
-                                "load_state_dict instead")
+                                "optimizer's device counter (replaced by hand? an eager step loads what "
+                                "you wrote, Note [state the user writes]: step once before capturing)")
     if problems:
         raise CaptureError("optimizer is not safe to capture:\n  - " + "\n  - ".join(problems))
 
