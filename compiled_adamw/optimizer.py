@@ -153,21 +153,22 @@ class AdamW(torch.optim.Optimizer):
             for bucket in self._buckets[-1] if carried else ():  # Note [groups changed by hand]
                 bucket.load_state(carried, self.state)
 
-    # Note [groups changed by hand]: ``param_groups`` is a plain list, as torch's, and torch steps
-    # whatever it holds. Ours steps the groups it built (``_settings``, ``_buckets``), so an eager
-    # step, ``clip_grad_norm_``, ``add_param_group`` and ``load_state_dict`` first follow the list:
-    # a group appended by hand is added as ``add_param_group`` adds one, a group removed is no
-    # longer stepped (its params keep their state, as torch's do), the order is the list's, and a
-    # param that already has state (from a group removed) continues from it. Checking costs a
-    # look at each group. A step inside a user's compile cannot rebuild (it must not read the
-    # groups): its body raises, naming what to do.
+    # Note [groups changed by hand]: ``param_groups`` is a plain list of dicts, as torch's, and
+    # torch steps whatever it holds. Ours steps the groups and params it built (``_settings``,
+    # ``_buckets``), so an eager step, ``clip_grad_norm_``, ``add_param_group`` and
+    # ``load_state_dict`` first follow the list: a group appended by hand, or one whose "params"
+    # list was changed in place, is built as ``add_param_group`` builds one; a group removed is
+    # no longer stepped (its params keep their state, as torch's do); the order is the list's;
+    # and a param that already has state continues from it. Checking costs a look at each group
+    # and an identity check of its params (one C call). A step inside a user's compile cannot
+    # rebuild (it must not read the groups): its body raises, naming what to do.
 
     def _groups_as_built(self) -> bool:
         groups, built = self.param_groups, self._settings
         if len(groups) != len(built):
             return False
         for group, settings in zip(groups, built):  # a loop: a generator costs a step 0.2 us more
-            if getattr(group, "settings", None) is not settings:
+            if getattr(group, "settings", None) is not settings or not _same_params(group["params"], settings):
                 return False
         return True
 
@@ -185,9 +186,9 @@ class AdamW(torch.optim.Optimizer):
     def _refuse_groups_changed_by_hand(self) -> None:
         """Note [groups changed by hand]: what a step inside a user's compile does instead."""
         if not self._groups_as_built():
-            raise RuntimeError("optimizer.param_groups was changed by hand (a group appended, removed or replaced) "
-                               "and a step inside torch.compile cannot follow it: call optimizer.step() once "
-                               "outside torch.compile, or add groups with add_param_group")
+            raise RuntimeError("optimizer.param_groups was changed by hand (a group appended, removed or replaced, "
+                               "or a group's params) and a step inside torch.compile cannot follow it: call "
+                               "optimizer.step() once outside torch.compile, or add groups with add_param_group")
 
     def _follow_param_groups(self) -> None:
         """Note [groups changed by hand]. Raises (as ``add_param_group`` would, for a group
@@ -200,7 +201,7 @@ class AdamW(torch.optim.Optimizer):
         try:
             for group in users_list:
                 settings = getattr(group, "settings", None)
-                if id(settings) in built:
+                if id(settings) in built and _same_params(group["params"], settings):
                     self.param_groups.append(group)
                     self._settings.append(settings)
                     self._buckets.append(built[id(settings)])
@@ -313,8 +314,6 @@ class AdamW(torch.optim.Optimizer):
         in bucket order, ``hyperparameters`` each group's packed vector; ``scaled``: divide the
         grads by ``grad_scale``; ``skippable``: skip the step where ``found_inf`` (Note [AMP
         inside the step])."""
-        for index, (group, settings) in enumerate(zip(self.param_groups, self._settings)):
-            _check_params_unchanged(index, group, settings)
         if not self._state_as_loaded():
             self._load_written_state()
         grad_was_enabled = torch.is_grad_enabled()
@@ -588,12 +587,10 @@ def _on_device(value: Any, device: torch.device) -> Any:
     return value.to(device) if isinstance(value, Tensor) and value.device != device else value
 
 
-def _check_params_unchanged(index: int, group: dict[str, Any], settings: GroupSettings) -> None:
-    """The step uses the params a group was added with; a list changed in place would be ignored."""
-    params = group["params"]
-    if len(params) != len(settings.params) or not all(map(operator.is_, params, settings.params)):
-        raise RuntimeError(f"param_groups[{index}]['params'] was changed in place after the group was added; "
-                           "the optimizer steps the params it was given: add params with add_param_group")
+def _same_params(params: list[Tensor], settings: GroupSettings) -> bool:
+    """Whether a group's "params" are still those its buckets were built from (Note [groups
+    changed by hand])."""
+    return len(params) == len(settings.params) and all(map(operator.is_, params, settings.params))
 
 
 def _check_differentiable_group(index: int, group: dict[str, Any]) -> None:

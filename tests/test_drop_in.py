@@ -554,7 +554,14 @@ def _clear_the_groups_and_add_them_again(o):
         o.add_param_group(group)
 
 
+def _move_a_param_to_the_first_group_by_hand(o):
+    o.param_groups[0]["params"].append(o.param_groups[1]["params"].pop())
+
+
 _GROUP_CHANGES = {
+    "a param moved between groups' lists": _move_a_param_to_the_first_group_by_hand,
+    "a group's params list replaced": lambda o: o.param_groups[1].__setitem__(
+        "params", list(reversed(o.param_groups[1]["params"]))),
     "a group removed": lambda o: o.param_groups.pop(0),
     "a group removed, then appended by hand": _append_the_last_layer_by_hand,
     "the groups reversed": lambda o: o.param_groups.reverse(),

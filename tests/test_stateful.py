@@ -134,16 +134,15 @@ class OursAgainstTorch(RuleBasedStateMachine):
         torch's unscaling has no complex kernel (ours uses it too)."""
         fresh = [_tensor(p.shape, p.dtype, self.generator) if present >> i & 1 and not p.is_complex() else None
                  for i, p in enumerate(self.params["ours"])]
+        for p in (p for side in SIDES for p in self.params[side] if p.is_complex()):
+            p.grad = None
+        if all(g is None and p.grad is None for p, g in zip(self.params["ours"], fresh)):
+            return  # GradScaler refuses a step that checked no grad
         for side in SIDES:
             params, scaler = self.params[side], self.scalers[side]
-            for p in params:
-                if p.is_complex():
-                    p.grad = None
             scaler.scale(torch.ones(()))  # makes the scale, as the first scaled loss would
             grads = [g.clone() if g is not None else None if p.grad is None else p.grad.clone()
                      for p, g in zip(params, fresh)]
-            if all(g is None for g in grads):  # GradScaler refuses a step that checked no grad
-                return
             for p, g in zip(params, grads):
                 if g is not None:
                     p.grad = scaler.scale(g)
@@ -300,6 +299,15 @@ class OursAgainstTorch(RuleBasedStateMachine):
             groups = self.optimizers[side].param_groups
             if group < len(groups):
                 groups.append(dict(groups.pop(group)))
+
+    @rule(source=st.integers(0, 2), into=st.integers(0, 2))
+    def move_a_param_between_groups_by_hand(self, source: int, into: int) -> None:
+        """Note [groups changed by hand]: a param popped from one group's "params" list and
+        appended to another's (or the same one's)."""
+        for side in SIDES:
+            groups = self.optimizers[side].param_groups
+            if max(source, into) < len(groups) and groups[source]["params"]:
+                groups[into]["params"].append(groups[source]["params"].pop())
 
     @precondition(lambda self: not self.added)
     @rule()
