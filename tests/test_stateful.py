@@ -11,6 +11,8 @@ optimizer failing: Note [a step frame per optimizer]).
 
 from __future__ import annotations
 
+import copy
+import io
 import os
 
 import hypothesis.strategies as st
@@ -35,6 +37,7 @@ PARAMS = [((3, 4), torch.float32, 0), ((), torch.float32, 0), ((2, 3, 2, 2), tor
           ((5,), torch.complex64, 1), ((0,), torch.float32, 1), ((2, 3), torch.float64, 1)]
 ADDED = [((4, 2), torch.float32), ((3,), torch.float64)]  # the group add_param_group brings mid-run
 KEYS = st.sampled_from(["lr", "weight_decay", "eps", "betas"])
+COPIES = st.sampled_from(["deepcopy", "torch.save"])
 STATE_WRITES = st.sampled_from(["clear", "delete", "empty", "step", "step in place", "exp_avg", "exp_avg_sq in place"])
 SIDES = ("ours", "torch")
 
@@ -104,25 +107,37 @@ class OursAgainstTorch(RuleBasedStateMachine):
 
     # ---- operations ------------------------------------------------------------------------
 
-    @rule(present=st.integers(0, 2 ** (len(PARAMS) + len(ADDED)) - 1), compiled_by_the_user=st.booleans())
-    def step(self, present: int, compiled_by_the_user: bool) -> None:
+    @rule(present=st.integers(0, 2 ** (len(PARAMS) + len(ADDED)) - 1),
+          how=st.sampled_from(["eager", "compiled by the user", "closure"]))
+    def step(self, present: int, how: str) -> None:
         """A fresh grad for the params whose bit is set in ``present``; the others keep theirs.
-        ``compiled_by_the_user``: ours steps through ``torch.compile(opt.step, fullgraph=True)``
-        (Note [a step alone with the params])."""
+        ``how``: ours steps through ``torch.compile(opt.step, fullgraph=True)`` (Note [a step
+        alone with the params]), or both step with a closure that sets the grads and returns a
+        loss, which ``step`` returns."""
         grads = [_tensor(p.shape, p.dtype, self.generator) if present >> i & 1 else None
                  for i, p in enumerate(self.params["ours"])]
+        losses = []
         for side in SIDES:
-            for p, g in zip(self.params[side], grads):
-                if g is not None:
-                    p.grad = g.clone()
-            optimizer = self.optimizers[side]
+            params, optimizer = self.params[side], self.optimizers[side]
+
+            def closure() -> torch.Tensor:
+                for p, g in zip(params, grads):
+                    if g is not None:
+                        p.grad = g.clone()
+                return torch.tensor(float(present))
+
+            if how == "closure":
+                losses.append(optimizer.step(closure))
+                continue
+            closure()
             # A compiled step cannot follow groups changed by hand (Note [groups changed by hand]).
-            if side == "ours" and compiled_by_the_user and optimizer._groups_as_built():
+            if side == "ours" and how == "compiled by the user" and optimizer._groups_as_built():
                 if optimizer not in self.compiled_steps:
                     self.compiled_steps[optimizer] = torch.compile(optimizer.step, fullgraph=True)
                 self.compiled_steps[optimizer]()
             else:
                 optimizer.step()
+        assert all(torch.equal(loss, torch.tensor(float(present))) for loss in losses)
 
     @rule(present=st.integers(0, 2 ** (len(PARAMS) + len(ADDED)) - 1), overflow=st.booleans())
     def step_with_a_grad_scaler(self, present: int, overflow: bool) -> None:
@@ -181,7 +196,23 @@ class OursAgainstTorch(RuleBasedStateMachine):
     def assign_a_float(self, group: int, key: str, value: float) -> None:
         for side in SIDES:
             target = self.optimizers[side].param_groups[group]
-            target[key] = (value * 4.5, target["betas"][1]) if key == "betas" else value
+            target[key] = (value * 4.5, float(_plain(target["betas"][1]))) if key == "betas" else value
+
+    @rule(group=st.integers(0, 1), key=KEYS, value=st.floats(0.0, 0.2))
+    def assign_a_tensor(self, group: int, key: str, value: float) -> None:
+        """A hyperparameter replaced by a tensor of the user's (float64, which torch's for-loop
+        reads exactly); betas become two tensors, as torch requires."""
+        for side in SIDES:
+            target = self.optimizers[side].param_groups[group]
+            tensor = torch.tensor(value, dtype=torch.float64)
+            target[key] = (tensor * 4.5, torch.tensor(_plain(target["betas"][1]), dtype=torch.float64)) \
+                if key == "betas" else tensor
+
+    @rule(group=st.integers(0, 1))
+    def toggle_maximize(self, group: int) -> None:
+        for side in SIDES:
+            target = self.optimizers[side].param_groups[group]
+            target["maximize"] = not target["maximize"]
 
     @rule(value=st.floats(0.0, 0.1))
     def change_the_users_lr_tensor_in_place(self, value: float) -> None:
@@ -210,6 +241,23 @@ class OursAgainstTorch(RuleBasedStateMachine):
             fresh_scheduler.load_state_dict(scheduler.state_dict())
             fresh.load_state_dict(state_dict)
             self.optimizers[side], self.schedulers[side] = fresh, fresh_scheduler
+
+    @rule(how=COPIES)
+    def continue_with_a_copy(self, how: str) -> None:
+        """Params and optimizer copied together (``copy.deepcopy``, or ``torch.save`` and
+        ``torch.load`` of both): the copies train from here, the originals are dropped."""
+        for side in SIDES:
+            together = (self.params[side], self.optimizers[side], self.lr_tensors[side])
+            if how == "deepcopy":
+                together = copy.deepcopy(together)
+            else:
+                buffer = io.BytesIO()
+                torch.save(together, buffer)
+                buffer.seek(0)
+                together = torch.load(buffer, weights_only=False)
+            scheduler = torch.optim.lr_scheduler.ExponentialLR(together[1], gamma=0.9)
+            scheduler.load_state_dict(self.schedulers[side].state_dict())
+            (self.params[side], self.optimizers[side], self.lr_tensors[side]), self.schedulers[side] = together, scheduler
 
     @rule(into_ours=st.booleans())
     def cross_load(self, into_ours: bool) -> None:
