@@ -270,22 +270,14 @@ class AdamW(torch.optim.Optimizer):
     def step(self, closure: Callable[[], Any] | None = None) -> Any:
         """One AdamW step over every param that has a grad; returns ``closure()``'s loss."""
         self._step_called[0] = True  # Note [a step that schedulers need not wrap]
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
+        if self.differentiable:
+            tracing = torch.compiler.is_compiling()
+            return (_differentiable_step_outside_the_graph if tracing else _differentiable_step)(self, closure)
+        loss = _loss_of(closure)
         tracing = torch.compiler.is_compiling()
         if not tracing and not self._groups_as_built():
             self._follow_param_groups()
         scaler = self._grad_scaling()
-        if self.differentiable:
-            for index, group in enumerate(self.param_groups):
-                _check_differentiable_group(index, group)
-            with torch.enable_grad():
-                for group, settings in zip(self.param_groups, self._settings):
-                    self._step_differentiable(group["params"], settings, scaler, tracing)
-            self._clip[0] = None
-            return loss
         # A user's compile must not read the groups (GroupSettings' docstring), and traces only
         # what the graph may change: grads and hyperparameters (Note [one opaque step in a
         # user's trace]); only the hyperparameters when nothing else in the graph touches the
@@ -430,8 +422,7 @@ class AdamW(torch.optim.Optimizer):
             step_increment=_not_found(hyperparameters, bucket.device) if skippable else 1,
         )
 
-    def _step_differentiable(self, params: list[Tensor], settings: GroupSettings, scaler: Tensor | None,
-                             tracing: bool) -> None:
+    def _step_differentiable(self, params: list[Tensor], settings: GroupSettings, scaler: Tensor | None) -> None:
         """Note [differentiable runs]: params whose step counts are views of one vector (they have
         always been stepped together, which the host knows without reading a value) and share a
         dtype are stepped by one call of :func:`~compiled_adamw.functional.step_together`. Params
@@ -439,7 +430,6 @@ class AdamW(torch.optim.Optimizer):
         entries are replaced by the new tensors, and the members of a run get views of one new
         vector of counts, each a count of its own to write (Note [state the user writes])."""
         amsgrad, maximize = settings.amsgrad, settings.maximize
-        compiled = self.compile and not tracing
         runs: dict[tuple, list[Tensor]] = {}
         fresh_steps: dict[torch.device, Tensor] = {}
         for p in params:
@@ -454,7 +444,7 @@ class AdamW(torch.optim.Optimizer):
                 state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
             if amsgrad and "max_exp_avg_sq" not in state:
                 state["max_exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-            runs.setdefault((_run_of(state["step"], tracing), *group_key(p)), []).append(p)
+            runs.setdefault((_run_of(state["step"]), *group_key(p)), []).append(p)
         hyperparameters: dict[torch.device, Tensor] = {}
         for (_, real_dtype, _, device), members in runs.items():
             if device not in hyperparameters:
@@ -467,7 +457,7 @@ class AdamW(torch.optim.Optimizer):
                 [s["max_exp_avg_sq"] for s in states] if amsgrad else None, step, hyperparameters[device],
                 amsgrad=amsgrad, maximize=maximize, scaled=scaler is not None, skippable=scaler is not None,
                 kernel=differentiable_kernel(device.type, real_dtype, amsgrad, maximize, scaler is not None,
-                                             scaler is not None, compiled))
+                                             scaler is not None, self.compile))
             for p, state, count, new_param, *new_state in zip(members, states, step.repeat(len(members)),
                                                               *(column or [None] * len(members) for column in new)):
                 p.copy_(new_param)
@@ -528,6 +518,41 @@ class AdamW(torch.optim.Optimizer):
             if self.differentiable:
                 _share_equal_steps(self)
         self._state_written[0] = False
+
+
+def _loss_of(closure: Callable[[], Any] | None) -> Any:
+    if closure is None:
+        return None
+    with torch.enable_grad():
+        return closure()
+
+
+def _differentiable_step(optimizer: AdamW, closure: Callable[[], Any] | None) -> Any:
+    """The body of ``step()`` with ``differentiable=True`` (Note [differentiable runs])."""
+    loss = _loss_of(closure)
+    optimizer._follow_param_groups()
+    scaler = optimizer._grad_scaling()
+    for index, group in enumerate(optimizer.param_groups):
+        _check_differentiable_group(index, group)
+    with torch.enable_grad():
+        for group, settings in zip(optimizer.param_groups, optimizer._settings):
+            optimizer._step_differentiable(group["params"], settings, scaler)
+    optimizer._clip[0] = None
+    return loss
+
+
+# Note [a differentiable step in a user's compile]: torch's differentiable AdamW breaks the graph
+# (``torch._dynamo.graph_break()`` in its step) and runs its update eagerly. Ours runs outside the
+# graph too: its bookkeeping -- the groups, the state's watched dicts, the runs found by version
+# counters, new state tensors at every step -- is Python that Dynamo either cannot trace (it
+# failed with an internal error on the groups) or could not see written in place. The update
+# itself is our compiled kernel when ``compile=True``, and autograd records it all the same: a
+# hypergradient through the user's compiled function flows through the step.
+# ``compiled_adamw.functional.update`` is the step to trace into a graph (``fullgraph=True``).
+_differentiable_step_outside_the_graph = torch.compiler.disable(
+    _differentiable_step, reason="compiled_adamw: a differentiable step runs outside the graph, as torch's "
+    "differentiable AdamW does (Note [a differentiable step in a user's compile]); trace "
+    "compiled_adamw.functional.update instead to keep it in the graph")
 
 
 def _step_of_its_own(optimizer: AdamW) -> Callable[..., Any]:
@@ -610,12 +635,12 @@ def _namer(group: int) -> Callable[[int], str]:
     return lambda position: _param_name(group, position)
 
 
-def _run_of(step: Tensor, tracing: bool) -> int:
+def _run_of(step: Tensor) -> int:
     """Note [differentiable runs]: the run a param's step count puts it in: the vector the count
     is a view of, unless a count was written into that vector in place since (its version
-    counter; a user's compile cannot read one, and there such a write goes unnoticed)."""
+    counter)."""
     vector = step._base
-    if vector is None or (not tracing and vector._version != 0):
+    if vector is None or vector._version != 0:
         return id(step)
     return id(vector)
 

@@ -443,3 +443,33 @@ def test_differentiable_bad_input_is_named_before_anything_changes():
         optimizer.step()
     torch.testing.assert_close(other.detach(), before, rtol=0, atol=0)
     assert not optimizer.state
+
+
+def test_a_differentiable_step_inside_a_users_compile_runs_outside_the_graph_with_the_eager_numbers():
+    """Note [a differentiable step in a user's compile]: a user's compiled function that steps a
+    differentiable AdamW gives the eager params and hypergradient (Dynamo failed with an internal
+    error on our groups before); the step breaks the graph, as torch's differentiable AdamW's
+    does, so ``fullgraph=True`` raises, naming what to trace instead."""
+    w0 = torch.randn(5, dtype=F64, requires_grad=True)
+    scale = torch.arange(1, 6, dtype=F64)
+
+    def unrolled(compiled: bool):
+        p = w0.clone()
+        optimizer = AdamW([p], lr=0.1, differentiable=True)
+
+        def inner():
+            p.grad = 2 * p * scale
+            optimizer.step()
+
+        step = torch.compile(inner, backend=torch._dynamo.testing.CompileCounter()) if compiled else inner
+        for _ in range(3):
+            step()
+        return p, torch.autograd.grad(p.sum(), w0)[0], optimizer
+
+    p_eager, hypergradient_eager, _ = unrolled(compiled=False)
+    p_compiled, hypergradient_compiled, optimizer = unrolled(compiled=True)
+    torch.testing.assert_close(p_compiled, p_eager, rtol=0, atol=0)
+    torch.testing.assert_close(hypergradient_compiled, hypergradient_eager, rtol=0, atol=0)
+    assert hypergradient_eager.isfinite().all() and (hypergradient_eager != 0).all()
+    with pytest.raises(torch._dynamo.exc.Unsupported, match="trace compiled_adamw.functional.update instead"):
+        torch.compile(optimizer.step, backend="eager", fullgraph=True)()
