@@ -325,7 +325,7 @@ class OursAgainstTorch(RuleBasedStateMachine):
         place. Entries are written into a param that has state on both sides (not fresh state on
         ours alone: _unless_fresh), the ``index``-th of them modulo their number: drawn among all
         params, most writes found none. ``then_step``: what was written is compared, and every
-        param steps on a fresh grad (a step is one rule in twenty, so a write was rarely followed
+        param steps on a fresh grad (the step is one rule of 21, so a write was rarely followed
         by one)."""
         params = self.params["ours"]
         if write in ("clear", "delete", "empty"):
