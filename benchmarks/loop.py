@@ -1,6 +1,7 @@
 """``python -m benchmarks.loop``: the loop every tutorial writes -- ``zero_grad()`` (set_to_none),
 backward, ``step()`` -- timed for ours and torch's fused and foreach AdamW, interleaved in one
-process, each repetition in a rotated order; the same loop with global-norm clipping (``opt.clip_grad_norm_`` against
+process, taking turns so that each follows every other equally often (``measure.in_turn``); the
+same loop with global-norm clipping (``opt.clip_grad_norm_`` against
 ``torch.nn.utils.clip_grad_norm_``); a single-tensor size sweep; and the loop's peak memory, one
 fresh process per contender.
 

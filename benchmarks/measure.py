@@ -30,13 +30,25 @@ def _synchronize(device: str) -> None:
 
 
 def in_turn(names: list[str], repetition: int) -> list[str]:
-    """``names`` in the order of round ``repetition``: rotated each round, so that each contender
-    follows each other equally often. What ran just before changes the next one's caches and
-    allocations: in the default loop on one 16M tensor, ours / fused iteration was 1.015-1.038
-    with ours always right after torch's foreach step (which frees param-sized temporaries) and
-    0.954-0.963 with fused there."""
-    shift = repetition % len(names)
-    return names[shift:] + names[:shift]
+    """The ``len(names)`` calls of round ``repetition``: the rounds cut, in order, a stream of
+    calls in which every contender follows every other exactly as often, round boundaries
+    included, and each runs ``n - 1`` times in every ``n - 1`` rounds (a round may hold one
+    contender twice). What ran just before changes the next one's caches and allocations: in the
+    default loop on one 16M tensor, ours / fused iteration was 1.015-1.038 with ours always
+    right after torch's foreach step (which frees param-sized temporaries) and 0.954-0.963 with
+    fused there. The rounds were rotations of ``names`` until the ninth session, which with three
+    contenders puts the first right after the third in two rounds of three and the second in one:
+    ours after foreach twice as often as fused, which put ours' iteration at 1.006-1.021x
+    fused's on the large rows against 0.985-1.006x with this stream (four runs of 30 rounds).
+
+    The stream is ``i, j`` for each pair ``i < j`` in order -- for three contenders
+    ``a b a c b c`` -- an Eulerian circuit of the complete directed graph on the contenders:
+    each ordered pair of distinct contenders is adjacent once per circuit, the last call's
+    successor being the first (checked for 2-12 contenders in ``tests/test_benchmarks.py``)."""
+    n = len(names)
+    stream = [names[k] for i in range(n) for j in range(i + 1, n) for k in (i, j)] or names
+    start = repetition * n % len(stream)
+    return (stream[start:] + stream[:start])[:n]
 
 
 def time_interleaved(steps: dict[str, Callable[[], Any]], *, device: str, repetitions: int) -> dict[str, list[float]]:

@@ -173,7 +173,7 @@ def train_step(contender: str) -> dict:
 
 def train_step_pair(baseline: str) -> dict:
     """Ours against torch's ``baseline`` compiled train step in this fresh process, calls
-    alternating (in a rotating order, as ``benchmarks.loop`` does) after three warm-up calls each."""
+    taking turns (``benchmarks.measure.in_turn``, as ``benchmarks.loop`` does) after three warm-up calls each."""
     steps = {}
     for contender in (baseline, "ours"):  # torch's first: see ``train-step-pair`` above
         steps[contender] = _compiled_train_step(contender)[1]

@@ -3,13 +3,14 @@ writes every field, the JSON and the plot, and reports a contender it cannot run
 
 from __future__ import annotations
 
+import collections
 import json
 
 import pytest
 import torch
 
 from benchmarks.contenders import BASELINE, CONTENDERS, Contender, _import, by_name
-from benchmarks.measure import first_step_in_fresh_process
+from benchmarks.measure import first_step_in_fresh_process, in_turn
 from benchmarks.report import README_BEGIN, README_END, markdown, update_readme, write_json, write_plot
 from benchmarks.run import Settings, run
 from benchmarks.workloads import Workload, standard_workloads
@@ -107,3 +108,17 @@ def test_a_user_compile_row_sets_the_compiled_call_beside_the_eager_one_and_torc
     assert row["recompiles"] == 0 and row["cold_s"] > 0, row
     assert row["steady_ms"] > 0 and row["eager_ms"] > 0 and row["compiled_call_floor_ms"] > 0, row
     assert row["steady_x_eager"] == pytest.approx(row["steady_ms"] / row["eager_ms"]), row
+
+
+@pytest.mark.parametrize("n", range(1, 13))
+def test_contenders_take_turns_each_after_every_other_equally_often(n):
+    """``in_turn``: over n - 1 rounds (the last call followed by the first), every ordered pair of
+    distinct contenders is adjacent once, nobody follows itself, and each runs n - 1 times. Rotated
+    rounds put the first of three contenders after the third twice as often as the second."""
+    names = [f"contender {k}" for k in range(n)]
+    calls = [name for repetition in range(max(n - 1, 1)) for name in in_turn(names, repetition)]
+    assert collections.Counter(calls) == {name: max(n - 1, 1) for name in names}
+    adjacent = collections.Counter(zip(calls, calls[1:] + calls[:1]))
+    if n > 1:
+        assert adjacent == {(a, b): 1 for a in names for b in names if a != b}
+    assert in_turn(names, max(n - 1, 1)) == in_turn(names, 0)  # the rounds repeat
