@@ -39,12 +39,13 @@ def in_turn(names: list[str], repetition: int) -> list[str]:
     fused there. The rounds were rotations of ``names`` until the ninth session, which with three
     contenders puts the first right after the third in two rounds of three and the second in one:
     ours after foreach twice as often as fused, which put ours' iteration at 1.006-1.021x
-    fused's on the large rows against 0.985-1.006x with this stream (four runs of 30 rounds).
+    fused's on the two large rows against 0.985-1.006x with this stream (a throwaway script, two
+    runs of 30 rounds each way).
 
     The stream is ``i, j`` for each pair ``i < j`` in order -- for three contenders
     ``a b a c b c`` -- an Eulerian circuit of the complete directed graph on the contenders:
     each ordered pair of distinct contenders is adjacent once per circuit, the last call's
-    successor being the first (checked for 2-12 contenders in ``tests/test_benchmarks.py``)."""
+    successor being the first (checked for 1-12 contenders in ``tests/test_benchmarks.py``)."""
     n = len(names)
     stream = [names[k] for i in range(n) for j in range(i + 1, n) for k in (i, j)] or names
     start = repetition * n % len(stream)

@@ -461,9 +461,13 @@ def test_a_differentiable_step_inside_a_users_compile_runs_outside_the_graph_wit
             p.grad = 2 * p * scale
             optimizer.step()
 
-        step = torch.compile(inner, backend=torch._dynamo.testing.CompileCounter()) if compiled else inner
-        for _ in range(3):
+        counter = torch._dynamo.testing.CompileCounter()
+        step = torch.compile(inner, backend=counter) if compiled else inner
+        step()
+        graphs = counter.frame_count
+        for _ in range(2):
             step()
+        assert counter.frame_count == graphs and graphs == (1 if compiled else 0)  # compiled, once
         return p, torch.autograd.grad(p.sum(), w0)[0], optimizer
 
     p_eager, hypergradient_eager, _ = unrolled(compiled=False)
