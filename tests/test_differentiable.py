@@ -445,17 +445,19 @@ def test_differentiable_bad_input_is_named_before_anything_changes():
     assert not optimizer.state
 
 
-def test_a_differentiable_step_inside_a_users_compile_runs_outside_the_graph_with_the_eager_numbers():
+@pytest.mark.parametrize("compile", [True, False], ids=["compiled-kernel", "eager-kernel"])
+def test_a_differentiable_step_inside_a_users_compile_runs_outside_the_graph_with_the_eager_numbers(compile):
     """Note [a differentiable step in a user's compile]: a user's compiled function that steps a
     differentiable AdamW gives the eager params and hypergradient (Dynamo failed with an internal
     error on our groups before); the step breaks the graph, as torch's differentiable AdamW's
-    does, so ``fullgraph=True`` raises, naming what to trace instead."""
+    does, so ``fullgraph=True`` raises, naming what to trace instead. With ``compile=True`` our
+    own kernel still compiles there, outside the user's graph."""
     w0 = torch.randn(5, dtype=F64, requires_grad=True)
     scale = torch.arange(1, 6, dtype=F64)
 
     def unrolled(compiled: bool):
         p = w0.clone()
-        optimizer = AdamW([p], lr=0.1, differentiable=True)
+        optimizer = AdamW([p], lr=0.1, differentiable=True, compile=compile)
 
         def inner():
             p.grad = 2 * p * scale
