@@ -20,7 +20,7 @@ import torch
 from hypothesis import HealthCheck, settings
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
 
-from compiled_adamw import AdamW
+from compiled_adamw import AdamW, flat_bucket
 
 from .configs import TOLERANCES
 from .helpers import through_disk
@@ -41,6 +41,10 @@ COPIES = st.sampled_from(["deepcopy", "torch.save"])
 STATE_RESETS = st.sampled_from(["clear", "delete", "empty"])
 ENTRY_WRITES = st.sampled_from(["step in place", "step", "exp_avg", "exp_avg_sq in place"])
 SIDES = ("ours", "torch")
+# Note [where memory lives]: as shipped, every param here is small, so they are gathered into one
+# chunk; with tiny chunks the params of 8 real elements or more get calls of their own (grads read
+# in place, or through temporaries where strides differ) and the small ones split across chunks.
+LAYOUTS = {"as shipped": {}, "tiny chunks": {"DIRECT_ELEMENTS": 8, "CHUNK_ELEMENTS": 32}}
 
 
 def _tensor(shape, dtype, generator):
@@ -82,8 +86,11 @@ class OursAgainstTorch(RuleBasedStateMachine):
     differentiable = False
     keys_that_differ: tuple[str, ...] = ()  # group keys not compared
 
-    @initialize(amsgrad=st.booleans(), seed=st.integers(0, 2**16))
-    def build(self, amsgrad: bool, seed: int) -> None:
+    @initialize(amsgrad=st.booleans(), seed=st.integers(0, 2**16), layout=st.sampled_from(sorted(LAYOUTS)))
+    def build(self, amsgrad: bool, seed: int, layout: str) -> None:
+        self.shipped = {name: getattr(flat_bucket, name) for name in LAYOUTS[layout]}
+        for name, value in LAYOUTS[layout].items():
+            setattr(flat_bucket, name, value)
         self.amsgrad = amsgrad
         self.generator = torch.Generator().manual_seed(seed)
         values = [_tensor(shape, dtype, self.generator) for shape, dtype, _ in PARAMS]
@@ -96,6 +103,10 @@ class OursAgainstTorch(RuleBasedStateMachine):
         self.scalers = {side: torch.amp.GradScaler("cpu", init_scale=16.0, growth_interval=2) for side in SIDES}
         self.added = False
         self.compiled_steps: dict[AdamW, object] = {}
+
+    def teardown(self) -> None:
+        for name, value in getattr(self, "shipped", {}).items():
+            setattr(flat_bucket, name, value)
 
     def _groups(self, side: str) -> list[dict]:
         params = self.params[side]
@@ -115,14 +126,16 @@ class OursAgainstTorch(RuleBasedStateMachine):
     # ---- operations ------------------------------------------------------------------------
 
     @rule(present=st.integers(0, 2 ** (len(PARAMS) + len(ADDED)) - 1),
-          how=st.sampled_from(["eager", "compiled by the user", "closure"]))
-    def step(self, present: int, how: str) -> None:
+          how=st.sampled_from(["eager", "compiled by the user", "closure"]), transposed=st.booleans())
+    def step(self, present: int, how: str, transposed: bool = False) -> None:
         """A fresh grad for the params whose bit is set in ``present``; the others keep theirs.
         ``how``: ours steps through ``torch.compile(opt.step, fullgraph=True)`` (Note [a step
         alone with the params]), or both step with a closure that sets the grads and returns a
-        loss, which ``step`` returns."""
+        loss, which ``step`` returns. ``transposed``: the grads of params of 2 dims or more have
+        transposed strides (a layout of their own, which ``p.grad = ...`` accepts)."""
         grads = [_tensor(p.shape, p.dtype, self.generator) if present >> i & 1 else None
                  for i, p in enumerate(self.params["ours"])]
+        grads = [g.mT.contiguous().mT if transposed and g is not None and g.dim() >= 2 else g for g in grads]
         losses = []
         for side in SIDES:
             params, optimizer = self.params[side], self.optimizers[side]
