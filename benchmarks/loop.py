@@ -1,9 +1,9 @@
 """``python -m benchmarks.loop``: the loop every tutorial writes -- ``zero_grad()`` (set_to_none),
 backward, ``step()`` -- timed for ours and torch's fused and foreach AdamW, interleaved in one
-process, taking turns so that each follows every other equally often (``measure.in_turn``); the
-same loop with global-norm clipping (``opt.clip_grad_norm_`` against
-``torch.nn.utils.clip_grad_norm_``); a single-tensor size sweep; and the loop's peak memory, one
-fresh process per contender.
+process, taking turns, each iteration timed right after one of its own
+(``measure.each_after_itself``); the same loop with global-norm clipping (``opt.clip_grad_norm_``
+against ``torch.nn.utils.clip_grad_norm_``); a single-tensor size sweep; and the loop's peak
+memory, one fresh process per contender.
 
 The backward is synthetic and the same for everyone: ``loss = sum((p * w).sum())`` over the
 workload's params, so autograd hands each param a fresh grad (``w``'s copy) every iteration, as a
@@ -25,7 +25,7 @@ import torch
 
 from compiled_adamw import AdamW
 
-from .measure import in_turn
+from .measure import each_after_itself
 from .workloads import Workload, standard_workloads
 
 CONTENDERS: dict[str, Callable[[list[torch.Tensor], Workload], torch.optim.Optimizer]] = {
@@ -76,10 +76,7 @@ def interleaved(workload: Workload, repetitions: int, clip: float | None = None)
     for loop in loops.values():
         for _ in range(3):
             loop.iteration()
-    seconds: dict[str, list[tuple[float, float]]] = {name: [] for name in loops}
-    for repetition in range(repetitions):
-        for name in in_turn(list(loops), repetition):
-            seconds[name].append(loops[name].iteration())
+    seconds = each_after_itself({name: loop.iteration for name, loop in loops.items()}, repetitions)
     rows = {name: {"iteration_ms": 1e3 * statistics.median(s[0] for s in values),
                    "step_ms": 1e3 * statistics.median(s[1] for s in values)} for name, values in seconds.items()}
     for row in rows.values():

@@ -12,7 +12,7 @@ import time
 import types
 import warnings
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, TypeVar
 
 import torch
 
@@ -20,8 +20,10 @@ from .contenders import Built, Contender, Unavailable
 from .quiet import quiet_stderr
 from .workloads import Workload
 
-__all__ = ["compile_seconds", "first_step_in_fresh_process", "in_turn", "peak_extra_bytes",
+__all__ = ["compile_seconds", "each_after_itself", "first_step_in_fresh_process", "in_turn", "peak_extra_bytes",
            "recompiles_over_schedule", "roof_step", "summarize", "time_interleaved"]
+
+Result = TypeVar("Result")
 
 
 def _synchronize(device: str) -> None:
@@ -52,20 +54,37 @@ def in_turn(names: list[str], repetition: int) -> list[str]:
     return (stream[start:] + stream[:start])[:n]
 
 
-def time_interleaved(steps: dict[str, Callable[[], Any]], *, device: str, repetitions: int) -> dict[str, list[float]]:
-    """Seconds per call of each step, already warmed up. The steps take turns (one call each per
-    round, in turn), so that the machine's noise falls on every contender alike and the ratios
-    stay meaningful."""
-    times: dict[str, list[float]] = {name: [] for name in steps}
+def each_after_itself(calls: dict[str, Callable[[], Result]], repetitions: int) -> dict[str, list[Result]]:
+    """What each of ``calls`` returns, ``repetitions`` times. The contenders take turns
+    (:func:`in_turn`), so that the machine's drift falls on all of them alike, and in its turn each
+    runs twice and only the second call is kept: a user's loop runs one optimizer, so what it
+    meets is its own previous iteration, never another optimizer's. Measured (the default loop,
+    ours, fused and foreach, a throwaway script, 300 rounds): on one param of 2^20 elements,
+    ours / fused step 1.12 right after another contender and 0.91 right after itself, and each
+    contender was faster after itself (fused 0.317 against 0.245 ms); on one 16M tensor, where
+    nothing stays in cache, 1.00 either way."""
+    results: dict[str, list[Result]] = {name: [] for name in calls}
     for repetition in range(repetitions):
-        for name in in_turn(list(steps), repetition):
-            step = steps[name]
+        for name in in_turn(list(calls), repetition):
+            calls[name]()
+            results[name].append(calls[name]())
+    return results
+
+
+def time_interleaved(steps: dict[str, Callable[[], Any]], *, device: str, repetitions: int) -> dict[str, list[float]]:
+    """Seconds per call of each step, already warmed up, the steps taking turns, each timed right
+    after a call of its own (:func:`each_after_itself`)."""
+
+    def timed(step: Callable[[], Any]) -> Callable[[], float]:
+        def call() -> float:
             _synchronize(device)
             start = time.perf_counter()
             step()
             _synchronize(device)
-            times[name].append(time.perf_counter() - start)
-    return times
+            return time.perf_counter() - start
+        return call
+
+    return each_after_itself({name: timed(step) for name, step in steps.items()}, repetitions)
 
 
 def summarize(seconds: list[float]) -> dict[str, float]:

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from benchmarks.contenders import BASELINE, CONTENDERS, Contender, _import, by_name
-from benchmarks.measure import first_step_in_fresh_process, in_turn
+from benchmarks.measure import each_after_itself, first_step_in_fresh_process, in_turn
 from benchmarks.report import README_BEGIN, README_END, markdown, update_readme, write_json, write_plot
 from benchmarks.run import Settings, run
 from benchmarks.workloads import Workload, standard_workloads
@@ -122,3 +122,21 @@ def test_contenders_take_turns_each_after_every_other_equally_often(n):
     if n > 1:
         assert adjacent == {(a, b): 1 for a in names for b in names if a != b}
     assert in_turn(names, max(n - 1, 1)) == in_turn(names, 0)  # the rounds repeat
+
+
+def test_each_kept_call_follows_a_call_of_its_own_and_the_turns_still_rotate():
+    """``each_after_itself``: every kept result comes from a call right after one of the same
+    contender's, and the turns between contenders are ``in_turn``'s."""
+    names, log = ["a", "b", "c"], []
+
+    def call_of(name: str):
+        def call() -> int:
+            log.append(name)
+            return len(log)
+        return call
+
+    results = each_after_itself({name: call_of(name) for name in names}, repetitions=4)
+    assert log == [name for repetition in range(4) for name in in_turn(names, repetition) for _ in range(2)]
+    assert {name: len(kept) for name, kept in results.items()} == {name: 4 for name in names}
+    for name, kept in results.items():
+        assert all(log[k - 1] == log[k - 2] == name for k in kept)
