@@ -28,7 +28,8 @@ with an empty Inductor cache (so "cold" includes every compile the case needs, o
   transformer (112 param tensors), ours against torch's foreach and fused, each in a fresh
   process: cold compile, and a steady call that moves with the machine.
 * ``train-step-pair``: the same compiled train steps, ours and one of torch's in one fresh
-  process, calls alternating, so the steady ratio is from the same minutes (the row names torch's
+  process, taking turns (each timed call right after one of its own), so the steady ratio is
+  from the same minutes (the row names torch's
   as its contender: ``steady_ms`` is ours, ``baseline_ms`` torch's). Torch's is compiled
   first: compiled after ours or fused, torch's foreach step fails in torch 2.13 ("Expected
   scalars to be on CPU, got meta"), and so do the three together.
@@ -49,7 +50,7 @@ import time
 
 import torch
 
-from .measure import in_turn
+from .measure import each_after_itself
 
 TUTORIAL_SIZES = (10, 100, 1_000, 10_000)
 STEADY_CALLS = 20
@@ -172,17 +173,16 @@ def train_step(contender: str) -> dict:
 
 
 def train_step_pair(baseline: str) -> dict:
-    """Ours against torch's ``baseline`` compiled train step in this fresh process, calls
-    taking turns (``benchmarks.measure.in_turn``, as ``benchmarks.loop`` does) after three warm-up calls each."""
+    """Ours against torch's ``baseline`` compiled train step in this fresh process, after three
+    warm-up calls each, taking turns, each timed call right after one of its own
+    (``benchmarks.measure.each_after_itself``, as ``benchmarks.loop`` does)."""
     steps = {}
     for contender in (baseline, "ours"):  # torch's first: see ``train-step-pair`` above
         steps[contender] = _compiled_train_step(contender)[1]
         for _ in range(3):
             steps[contender]()
-    seconds: dict[str, list[float]] = {contender: [] for contender in steps}
-    for repetition in range(PAIRED_CALLS):
-        for contender in in_turn(list(steps), repetition):
-            seconds[contender].append(_timed(steps[contender]))
+    seconds = each_after_itself({contender: lambda step=step: _timed(step) for contender, step in steps.items()},
+                                PAIRED_CALLS)
     ours_ms, baseline_ms = (statistics.median(seconds[c]) * 1e3 for c in ("ours", baseline))
     return dict(steady_ms=ours_ms, baseline_ms=baseline_ms, steady_x_baseline=ours_ms / baseline_ms)
 
