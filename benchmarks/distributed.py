@@ -23,7 +23,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from compiled_adamw import AdamW
 
-from .measure import in_turn
+from .measure import each_after_itself
 
 CONTENDERS = {
     "ours": lambda params: AdamW(params, lr=1e-3),
@@ -66,10 +66,8 @@ def _worker(rank: int, store: str, wrapper: str, width: int, layers: int, repeti
         for model, optimizer in runs.values():
             for _ in range(3):  # compiles ours
                 iteration(model, optimizer)
-        seconds = {name: [] for name in runs}
-        for repetition in range(repetitions):
-            for name in in_turn(list(runs), repetition):  # the same order on every rank
-                seconds[name].append(iteration(*runs[name]))
+        # The same order on every rank: the collectives inside each iteration pair up.
+        seconds = each_after_itself({name: lambda run=run: iteration(*run) for name, run in runs.items()}, repetitions)
         rows = {name: {"iteration_ms": 1e3 * statistics.median(s[0] for s in values),
                        "step_ms": 1e3 * statistics.median(s[1] for s in values)}
                 for name, values in seconds.items()}
