@@ -29,10 +29,10 @@ with an empty Inductor cache (so "cold" includes every compile the case needs, o
   process: cold compile, and a steady call that moves with the machine.
 * ``train-step-pair``: the same compiled train steps, ours and one of torch's in one fresh
   process, taking turns (each timed call right after one of its own), so the steady ratio is
-  from the same minutes (the row names torch's
-  as its contender: ``steady_ms`` is ours, ``baseline_ms`` torch's). Torch's is compiled
-  first: compiled after ours or fused, torch's foreach step fails in torch 2.13 ("Expected
-  scalars to be on CPU, got meta"), and so do the three together.
+  from the same minutes (the row names torch's as its contender: ``steady_ms`` is ours,
+  ``baseline_ms`` torch's). Torch's is compiled first: compiled after ours or fused, torch's
+  foreach step fails in torch 2.13 ("Expected scalars to be on CPU, got meta"), and so do the
+  three together.
 
 Figures are wall seconds (cold) and medians in ms (steady); nothing here is a test.
 """
