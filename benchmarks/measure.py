@@ -42,7 +42,9 @@ def in_turn(names: list[str], repetition: int) -> list[str]:
     contenders puts the first right after the third in two rounds of three and the second in one:
     ours after foreach twice as often as fused, which put ours' iteration at 1.006-1.021x
     fused's on the two large rows against 0.985-1.006x with this stream (a throwaway script, two
-    runs of 30 rounds each way).
+    runs of 30 rounds each way). Since the tenth session the timed calls go through
+    :func:`each_after_itself`, so each follows one of its own; the balance here still spreads the
+    machine's drift, and the untimed calls' predecessors, evenly.
 
     The stream is ``i, j`` for each pair ``i < j`` in order -- for three contenders
     ``a b a c b c`` -- an Eulerian circuit of the complete directed graph on the contenders:
