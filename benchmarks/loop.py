@@ -2,8 +2,9 @@
 backward, ``step()`` -- timed for ours and torch's fused and foreach AdamW, interleaved in one
 process, taking turns, each iteration timed right after one of its own
 (``measure.each_after_itself``); the same loop with global-norm clipping (``opt.clip_grad_norm_``
-against ``torch.nn.utils.clip_grad_norm_``); a single-tensor size sweep; and the loop's peak
-memory, one fresh process per contender.
+against ``torch.nn.utils.clip_grad_norm_``); on the workloads of many 1-D params, ours and fused
+beside ``benchmarks.floor.FlatFloor``, the least a step over flat state can do; a single-tensor
+size sweep; and the loop's peak memory, one fresh process per contender.
 
 The backward is synthetic and the same for everyone: ``loss = sum((p * w).sum())`` over the
 workload's params, so autograd hands each param a fresh grad (``w``'s copy) every iteration, as a
@@ -25,6 +26,7 @@ import torch
 
 from compiled_adamw import AdamW
 
+from .floor import FlatFloor
 from .measure import each_after_itself
 from .workloads import Workload, standard_workloads
 
@@ -33,24 +35,26 @@ CONTENDERS: dict[str, Callable[[list[torch.Tensor], Workload], torch.optim.Optim
     "torch-fused": lambda params, w: torch.optim.AdamW(params, lr=1e-3, amsgrad=w.amsgrad, fused=True),
     "torch-foreach": lambda params, w: torch.optim.AdamW(params, lr=1e-3, amsgrad=w.amsgrad, foreach=True),
 }
+FLOOR = {"ours": CONTENDERS["ours"], "torch-fused": CONTENDERS["torch-fused"],
+         "flat-floor": lambda params, w: FlatFloor(params, lr=1e-3)}
 
 
 class Loop:
     """One contender's params, optimizer and synthetic backward."""
 
     def __init__(self, name: str, workload: Workload, *, scalar_weights: bool = False, build: bool = True,
-                 clip: float | None = None):
+                 clip: float | None = None, contenders: dict[str, Callable[..., torch.optim.Optimizer]] = CONTENDERS):
         generator = torch.Generator().manual_seed(0)
         self.params = [torch.nn.Parameter(torch.randn(s, generator=generator).to(workload.dtype))
                        for s in workload.shapes]
         self.weights = [torch.randn(() if scalar_weights else s, generator=generator).to(workload.dtype)
                         for s in workload.shapes]
-        self.name, self.workload, self.clip = name, workload, clip
+        self.name, self.workload, self.clip, self.make = name, workload, clip, contenders[name]
         if build:
             self.build()
 
     def build(self) -> None:
-        self.optimizer = CONTENDERS[self.name](self.params, self.workload)
+        self.optimizer = self.make(self.params, self.workload)
 
     def backward(self) -> None:
         sum((p * w).sum() for p, w in zip(self.params, self.weights)).backward()
@@ -71,8 +75,9 @@ class Loop:
         return end - start, end - before_step
 
 
-def interleaved(workload: Workload, repetitions: int, clip: float | None = None) -> dict[str, dict[str, float]]:
-    loops = {name: Loop(name, workload, clip=clip) for name in CONTENDERS}
+def interleaved(workload: Workload, repetitions: int, clip: float | None = None,
+                contenders: dict[str, Callable[..., torch.optim.Optimizer]] = CONTENDERS) -> dict[str, dict[str, float]]:
+    loops = {name: Loop(name, workload, clip=clip, contenders=contenders) for name in contenders}
     for loop in loops.values():
         for _ in range(3):
             loop.iteration()
@@ -123,8 +128,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--sweep", type=int, nargs="+", default=list(range(10, 25, 2)), metavar="LOG2")
     parser.add_argument("--out", type=Path, help="also write the results here as JSON")
     arguments = parser.parse_args(argv)
-    results: dict[str, Any] = {"torch": torch.__version__, "workloads": {}, "clipped": {}, "sweep": {},
-                               "peak_mib": {}}
+    results: dict[str, Any] = {"torch": torch.__version__, "workloads": {}, "clipped": {}, "floor": {},
+                               "sweep": {}, "peak_mib": {}}
     print("| workload | contender | step ms | x fused | iteration ms | x fused |\n| --- | --- | ---: | ---: | ---: | ---: |")
     for workload in standard_workloads(arguments.scale):
         rows = results["workloads"][workload.name] = interleaved(workload, arguments.repetitions)
@@ -136,6 +141,14 @@ def main(argv: list[str] | None = None) -> int:
         rows = results["clipped"][workload.name] = interleaved(workload, arguments.repetitions, clip=1.0)
         for name, row in rows.items():
             print(f"| {workload.name} | {name} | {row['step_ms']:.2f} | {row['step_x_fused']:.2f}x |", flush=True)
+    print("\n| workload | ours step ms | flat floor step ms | fused step ms | ours x fused | floor x fused |\n"
+          "| --- | ---: | ---: | ---: | ---: | ---: |")
+    for workload in standard_workloads(arguments.scale):
+        if all(len(shape) == 1 for shape in workload.shapes) and len(workload.shapes) > 1:
+            rows = results["floor"][workload.name] = interleaved(workload, arguments.repetitions, contenders=FLOOR)
+            print(f"| {workload.name} | {rows['ours']['step_ms']:.2f} | {rows['flat-floor']['step_ms']:.2f} | "
+                  f"{rows['torch-fused']['step_ms']:.2f} | {rows['ours']['step_x_fused']:.2f}x | "
+                  f"{rows['flat-floor']['step_x_fused']:.2f}x |", flush=True)
     print("\n| elements | ours step ms | fused step ms | x fused |\n| ---: | ---: | ---: | ---: |")
     for log2 in arguments.sweep:
         rows = results["sweep"][2**log2] = interleaved(Workload(f"2^{log2}", ((2**log2,),)), 3 * arguments.repetitions)

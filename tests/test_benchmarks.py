@@ -140,3 +140,22 @@ def test_each_kept_call_follows_a_call_of_its_own_and_the_turns_still_rotate():
     assert {name: len(kept) for name, kept in results.items()} == {name: 4 for name in names}
     for name, kept in results.items():
         assert all(log[k - 1] == log[k - 2] == name for k in kept)
+
+
+def test_the_flat_floor_steps_as_torch_fused_does_and_the_loop_times_it_beside_ours():
+    """``benchmarks.floor.FlatFloor``, the least a flat step can do, really steps: its params end
+    where torch fused's end after the same default loop, and they live in its flat buffer."""
+    from benchmarks.loop import FLOOR, Loop, interleaved
+
+    workload = Workload("3x32", ((32,),) * 3)
+    floor, fused = (Loop(name, workload, contenders=FLOOR) for name in ("flat-floor", "torch-fused"))
+    for _ in range(3):
+        floor.iteration()
+        fused.iteration()
+    for p, q in zip(floor.params, fused.params):
+        torch.testing.assert_close(p, q, rtol=0, atol=0)
+    flat = floor.optimizer.flat_param
+    assert [p.data_ptr() for p in floor.params] == [flat.data_ptr() + 4 * 32 * k for k in range(3)]
+    rows = interleaved(workload, repetitions=2, contenders=FLOOR)
+    assert set(rows) == {"ours", "torch-fused", "flat-floor"}
+    assert rows["torch-fused"]["step_x_fused"] == 1.0 and rows["flat-floor"]["step_ms"] > 0
