@@ -2,11 +2,12 @@
 
 Issue 11 asks 1,000 params of 1,024 to step in a quarter of torch fused's time. A step that keeps
 params and state in flat buffers cannot do less than this one: read the fresh ``p.grad``s,
-gather them with one ``torch.cat`` into a flat grad buffer, count the step, run ``torch._fused_adamw_`` once
-over the flat buffers, and bump the params' version counters. It checks nothing (a param moved,
-re-typed or without a grad is stepped wrong or fails), runs no hooks of its own, has one group
-and is not an optimizer anyone should use: it is the floor that ours' checks, chunks and
-bookkeeping stand on (``benchmarks/README.md``, "1,000 x 1,024: where the floor is").
+gather them with one ``torch.cat`` into a flat grad buffer, count the step, run
+``torch._fused_adamw_`` once over the flat buffers, and bump the params' version counters. It
+checks nothing (a param moved, re-typed or without a grad is stepped wrong or fails), runs no
+hooks of its own, has one group and is not an optimizer anyone should use: it is the floor that
+ours' checks, chunks and bookkeeping stand on (``benchmarks/README.md``, "The default loop and
+its floor").
 """
 
 from __future__ import annotations

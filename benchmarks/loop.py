@@ -30,12 +30,13 @@ from .floor import FlatFloor
 from .measure import each_after_itself
 from .workloads import Workload, standard_workloads
 
-CONTENDERS: dict[str, Callable[[list[torch.Tensor], Workload], torch.optim.Optimizer]] = {
+Build = Callable[[list[torch.Tensor], Workload], torch.optim.Optimizer]
+CONTENDERS: dict[str, Build] = {
     "ours": lambda params, w: AdamW(params, lr=1e-3, amsgrad=w.amsgrad),
     "torch-fused": lambda params, w: torch.optim.AdamW(params, lr=1e-3, amsgrad=w.amsgrad, fused=True),
     "torch-foreach": lambda params, w: torch.optim.AdamW(params, lr=1e-3, amsgrad=w.amsgrad, foreach=True),
 }
-FLOOR = {"ours": CONTENDERS["ours"], "torch-fused": CONTENDERS["torch-fused"],
+FLOOR: dict[str, Build] = {"ours": CONTENDERS["ours"], "torch-fused": CONTENDERS["torch-fused"],
          "flat-floor": lambda params, w: FlatFloor(params, lr=1e-3)}
 
 
@@ -43,7 +44,7 @@ class Loop:
     """One contender's params, optimizer and synthetic backward."""
 
     def __init__(self, name: str, workload: Workload, *, scalar_weights: bool = False, build: bool = True,
-                 clip: float | None = None, contenders: dict[str, Callable[..., torch.optim.Optimizer]] = CONTENDERS):
+                 clip: float | None = None, contenders: dict[str, Build] = CONTENDERS):
         generator = torch.Generator().manual_seed(0)
         self.params = [torch.nn.Parameter(torch.randn(s, generator=generator).to(workload.dtype))
                        for s in workload.shapes]
@@ -76,7 +77,7 @@ class Loop:
 
 
 def interleaved(workload: Workload, repetitions: int, clip: float | None = None,
-                contenders: dict[str, Callable[..., torch.optim.Optimizer]] = CONTENDERS) -> dict[str, dict[str, float]]:
+                contenders: dict[str, Build] = CONTENDERS) -> dict[str, dict[str, float]]:
     loops = {name: Loop(name, workload, clip=clip, contenders=contenders) for name in contenders}
     for loop in loops.values():
         for _ in range(3):
