@@ -50,7 +50,7 @@ class Loop:
                        for s in workload.shapes]
         self.weights = [torch.randn(() if scalar_weights else s, generator=generator).to(workload.dtype)
                         for s in workload.shapes]
-        self.name, self.workload, self.clip, self.make = name, workload, clip, contenders[name]
+        self.workload, self.clip, self.make = workload, clip, contenders[name]
         if build:
             self.build()
 
